@@ -1,0 +1,300 @@
+"""Experiments: a config in, a results folder out (summary.json, curves.csv, figure.png).
+
+An :class:`ExperimentConfig` names every choice (instance sizes, problem seed
+and minimum-gap acceptance, feedback, learner, slate policy, horizon, seeds).
+:func:`run_experiment` builds one instance per population size from the same
+problem seed, stacks them (padding with zero-weight users) and runs all of
+them in one compiled call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from jaxbandit import instance as instance_lib
+from jaxbandit import simulate as sim
+from jaxbandit import validation as V
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Every option of one experiment (see ``docs/architecture.md`` for the meaning).
+
+  Attributes:
+    name: label written into the results.
+    populations: user-population sizes, one instance (curve) each.
+    n_contexts, n_actions, dim, latent_dim: instance sizes.
+    reward_scale: multiplier of every true score.
+    head_rank: heads confined to this rank (None: full-rank Gaussian heads).
+    problem_seed: first problem seed tried by minimum-gap acceptance.
+    min_gap: required Delta_min of each accepted instance.
+    max_tries: bound on problem seeds tried per population.
+    horizon, slate_size, choice_model, top_m, model_class, slate_policy,
+      erm_tol, erm_max_iterations, record_kl: see :class:`simulate.SimulationConfig`.
+    beta, ridge, mixture_weight: see :class:`simulate.SimulationParams`.
+    n_seeds: Monte Carlo seeds per population.
+    master_seed: base of every seed key.
+    chunk_size: rounds per compiled call (None: whole horizon).
+    eps0: threshold of the bad-round count N_eps0 (None: eps_iso of each instance).
+  """
+
+  name: str = "custom"
+  populations: Sequence[int] = (10, 50, 100)
+  n_contexts: int = 100
+  n_actions: int = 100
+  dim: int = 5
+  latent_dim: int = 10
+  reward_scale: float = 1.0
+  head_rank: Optional[int] = None
+  problem_seed: int = 1000
+  min_gap: float = 0.0
+  max_tries: int = 200
+  horizon: int = 1000
+  slate_size: int = 2
+  choice_model: str = "bradley_terry"
+  top_m: Optional[int] = None
+  model_class: str = "known_heads"
+  slate_policy: str = "current_reference"
+  erm_tol: float = 1e-9
+  erm_max_iterations: int = 30
+  record_kl: bool = False
+  beta: float = 1.0
+  ridge: float = 1.0
+  mixture_weight: float = 0.5
+  n_seeds: int = 32
+  master_seed: int = 0
+  chunk_size: Optional[int] = None
+  eps0: Optional[float] = None
+
+  def simulation_config(self) -> sim.SimulationConfig:
+    return sim.SimulationConfig(
+        horizon=self.horizon, slate_size=self.slate_size, choice_model=self.choice_model,
+        top_m=self.top_m, model_class=self.model_class, slate_policy=self.slate_policy,
+        erm_tol=self.erm_tol, erm_max_iterations=self.erm_max_iterations,
+        record_kl=self.record_kl)
+
+  def validate(self) -> "ExperimentConfig":
+    """Checks every field on the host, before anything compiles."""
+    if isinstance(self.populations, (str, bytes)) or len(self.populations) == 0:
+      raise ValueError(f"populations={self.populations!r} is not allowed; allowed: a non-empty "
+                       f"list of positive integers")
+    for size in self.populations:
+      V.positive_int("populations[]", size)
+    for name in ("n_contexts", "n_actions", "dim", "latent_dim", "max_tries", "n_seeds"):
+      V.positive_int(name, getattr(self, name))
+    V.non_negative_int("problem_seed", self.problem_seed)
+    V.non_negative_int("master_seed", self.master_seed)
+    V.positive_float("reward_scale", self.reward_scale)
+    V.non_negative_float("min_gap", self.min_gap)
+    if self.head_rank is not None:
+      V.int_in_range("head_rank", self.head_rank, 1, self.latent_dim,
+                     f"latent_dim={self.latent_dim}")
+    if self.eps0 is not None:
+      V.positive_float("eps0", self.eps0)
+    if self.chunk_size is not None:
+      V.int_in_range("chunk_size", self.chunk_size, 1, max(self.horizon, 1),
+                     f"horizon={self.horizon}")
+    self.simulation_config().validate(self.n_actions, self.n_actions)
+    sim.SimulationParams.make(self.beta, self.ridge, self.mixture_weight)
+    return self
+
+  def to_dict(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["populations"] = list(self.populations)
+    return out
+
+
+def build_instances(config: ExperimentConfig):
+  """One accepted instance per population size, all from ``config.problem_seed``."""
+  heads = (instance_lib.low_rank_heads(config.head_rank) if config.head_rank is not None
+           else instance_lib.gaussian_heads())
+  accepted = []
+  for n_users in config.populations:
+    accepted.append(instance_lib.accept_problem_seed(
+        config.problem_seed, min_gap=config.min_gap, max_tries=config.max_tries,
+        n_contexts=config.n_contexts, n_actions=config.n_actions, dim=config.dim,
+        latent_dim=config.latent_dim, n_users=n_users, reward_scale=config.reward_scale,
+        heads=heads))
+  return accepted
+
+
+def t_interval(samples: np.ndarray, level: float = 0.95, axis: int = 0):
+  """Mean and Student-t interval across ``axis`` (half-width 0 for one sample)."""
+  from scipy import stats as scipy_stats
+
+  samples = np.asarray(samples, np.float64)
+  n = samples.shape[axis]
+  mean = samples.mean(axis=axis)
+  if n < 2:
+    return mean, mean.copy(), mean.copy()
+  sem = samples.std(axis=axis, ddof=1) / np.sqrt(n)
+  half = scipy_stats.t.ppf(0.5 + level / 2, n - 1) * sem
+  return mean, mean - half, mean + half
+
+
+def environment_info() -> dict:
+  import jaxbandit
+
+  device = jax.devices()[0]
+  return {
+      "jaxbandit": jaxbandit.__version__,
+      "jax": jax.__version__,
+      "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+      "numpy": np.__version__,
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "backend": jax.default_backend(),
+      "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+      "device_count": jax.device_count(),
+  }
+
+
+def run_experiment(config: ExperimentConfig, out_dir: Optional[str] = None, *,
+                   progress: bool = True, make_figure: bool = True) -> dict:
+  """Runs an experiment and (if ``out_dir``) writes summary.json, curves.csv, figure.png.
+
+  Returns:
+    The summary dictionary, with the NumPy records under the key ``"_records"``
+    (not written to disk).
+  """
+  config.validate()
+  if out_dir is not None:
+    _prepare_out_dir(out_dir)
+  started = time.time()
+  accepted = build_instances(config)
+  stacked = instance_lib.stack_instances([a.instance for a in accepted])
+  sim_config = config.simulation_config()
+  params = sim.SimulationParams.make(config.beta, config.ridge, config.mixture_weight)
+  reporter = _Progress(config, enabled=progress)
+  result = sim.simulate(stacked, sim_config, params, n_seeds=config.n_seeds,
+                        master_seed=config.master_seed, chunk_size=config.chunk_size,
+                        callback=reporter)
+  elapsed = time.time() - started
+  summary = summarize(config, accepted, result.records, elapsed)
+  summary["_records"] = result.records
+  if out_dir is not None:
+    write_results(out_dir, config, summary, result.records, make_figure=make_figure)
+  return summary
+
+
+class _Progress:
+  """Prints rounds done, seed-rounds per second and time left between chunks."""
+
+  def __init__(self, config: ExperimentConfig, enabled: bool):
+    self.enabled = enabled
+    self.start = time.time()
+    self.per_round = config.n_seeds * len(config.populations)
+
+  def __call__(self, done, horizon):
+    if not self.enabled:
+      return
+    elapsed = time.time() - self.start
+    rate = done * self.per_round / max(elapsed, 1e-9)
+    left = (horizon - done) * self.per_round / max(rate, 1e-9)
+    print(f"  rounds {done}/{horizon}  {rate:,.0f} seed-rounds/s  "
+          f"elapsed {elapsed:,.0f}s  left ~{left:,.0f}s", flush=True)
+
+
+def summarize(config: ExperimentConfig, accepted, records: sim.RoundRecord,
+              elapsed: float) -> dict:
+  """Summary statistics per population (JSON-ready)."""
+  regret = records.regret.astype(np.float64)  # (P, S, T)
+  cumulative = np.cumsum(regret, axis=-1)
+  populations = []
+  for p, acc in enumerate(accepted):
+    mean, lower, upper = t_interval(cumulative[p, :, -1])
+    eps0 = config.eps0 if config.eps0 is not None else acc.gap.eps_iso
+    bad_rounds = np.sum(regret[p] >= eps0, axis=-1)
+    bad_mean, bad_lower, bad_upper = t_interval(bad_rounds)
+    tail = regret[p, :, -max(1, config.horizon // 5):].mean(axis=-1)
+    tail_mean, tail_lower, tail_upper = t_interval(tail)
+    diversity = instance_lib.diversity_diagnostics(acc.instance)
+    populations.append({
+        "n_users": int(config.populations[p]),
+        "accepted_seed": int(acc.seed),
+        "seeds_tried": int(acc.tries),
+        "min_gap": acc.gap.min_gap,
+        "eps_iso": acc.gap.eps_iso,
+        "diversity": diversity.to_dict(),
+        "final_cumulative_regret": {"mean": float(mean), "lower95": float(lower),
+                                    "upper95": float(upper)},
+        "tail_per_round_regret": {"mean": float(tail_mean), "lower95": float(tail_lower),
+                                  "upper95": float(tail_upper),
+                                  "rounds": int(max(1, config.horizon // 5))},
+        "bad_rounds": {"eps0": float(eps0), "mean": float(bad_mean),
+                       "lower95": float(bad_lower), "upper95": float(bad_upper)},
+        "erm_converged_fraction": float(np.mean(records.erm_converged[p])),
+        "erm_not_converged_rounds": int(np.sum(~records.erm_converged[p])),
+        "erm_mean_iterations": float(np.mean(records.erm_iterations[p])),
+        "erm_max_grad_norm": float(np.max(records.erm_grad_norm[p])),
+    })
+    if config.record_kl:
+      kl_cumulative = np.cumsum(records.kl_regret[p].astype(np.float64), axis=-1)[:, -1]
+      m, lo, hi = t_interval(kl_cumulative)
+      populations[-1]["final_cumulative_kl_regret"] = {"mean": float(m), "lower95": float(lo),
+                                                       "upper95": float(hi)}
+  return {
+      "experiment": config.name,
+      "config": config.to_dict(),
+      "environment": environment_info(),
+      "seconds": elapsed,
+      "seed_rounds_per_second": config.n_seeds * len(config.populations) * config.horizon /
+                                max(elapsed, 1e-9),
+      "populations": populations,
+  }
+
+
+def curves_table(config: ExperimentConfig, records: sim.RoundRecord):
+  """Rows (round, n_users, mean, lower, upper) of mean cumulative regret with 95% bands."""
+  cumulative = np.cumsum(records.regret.astype(np.float64), axis=-1)
+  rounds = np.arange(1, config.horizon + 1)
+  rows = []
+  for p, n_users in enumerate(config.populations):
+    mean, lower, upper = t_interval(cumulative[p], axis=0)
+    for t in range(config.horizon):
+      rows.append((int(rounds[t]), int(n_users), mean[t], lower[t], upper[t]))
+  return rows
+
+
+def _prepare_out_dir(out_dir: str) -> None:
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    probe = os.path.join(out_dir, ".write-test")
+    with open(probe, "w") as handle:
+      handle.write("ok")
+    os.remove(probe)
+  except OSError as err:
+    raise ValueError(f"out={out_dir!r} cannot be written ({err.strerror}); allowed: a folder "
+                     f"this user can create and write") from None
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as handle:
+    handle.write(text)
+  os.replace(tmp, path)
+
+
+def write_results(out_dir: str, config: ExperimentConfig, summary: dict,
+                  records: sim.RoundRecord, make_figure: bool = True) -> None:
+  """Writes summary.json, curves.csv and (optionally) figure.png/pdf into ``out_dir``."""
+  public = {k: v for k, v in summary.items() if not k.startswith("_")}
+  _atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(public, indent=2) + "\n")
+  lines = ["round,n_users,mean,lower,upper"]
+  lines += [f"{t},{u},{m:.9g},{lo:.9g},{hi:.9g}" for t, u, m, lo, hi in
+            curves_table(config, records)]
+  _atomic_write(os.path.join(out_dir, "curves.csv"), "\n".join(lines) + "\n")
+  if make_figure:
+    from jaxbandit import plotting
+
+    plotting.cumulative_regret_figure(os.path.join(out_dir, "curves.csv"),
+                                      os.path.join(out_dir, "figure.png"),
+                                      title=config.name)

@@ -1,0 +1,315 @@
+"""The online greedy exact-ERM loop as one compiled kernel.
+
+One round (for one seed and one population)::
+
+    key_t = fold_in(seed_key, t)                 # draws depend on (seed, t) only
+    x ~ d0, i ~ rho                              # context and user
+    slate = policy(key, R_hat_{t-1}(x, ., i))    # K actions
+    outcome ~ choice_model(R*(x, slate, i))      # feedback from the TRUE scores
+    record G(R_hat_{t-1}), realised and KL regret of the deployed estimate
+    R_hat_t = exact ERM on rounds 1..t, warm-started at R_hat_{t-1}
+
+Rounds are a ``lax.scan``; seeds and populations are ``vmap`` axes; one ``jit``
+compiles the lot. Static sizes and names live in :class:`SimulationConfig`;
+numbers one may sweep (``beta``, ``ridge``, ``mixture_weight``, and every
+instance array, reward scale included) are traced.
+
+The kernel advances a :class:`SimState` by a chunk of rounds, so a long run is
+a sequence of chunk calls with the host touching the state only in between;
+since round draws depend only on the seed key and the round index, any
+chunking gives the same trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbandit import choice as choice_lib
+from jaxbandit import learners as learners_lib
+from jaxbandit import metrics
+from jaxbandit import policies as policies_lib
+from jaxbandit import validation as V
+from jaxbandit.instance import Instance, cell_weights, true_scores
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+  """Static choices of a simulation (changing one recompiles).
+
+  Attributes:
+    horizon: rounds per seed (also the data-buffer capacity).
+    slate_size: K >= 2 responses shown per round.
+    choice_model: 'bradley_terry' (K=2), 'multinomial_logit' or 'plackett_luce'.
+    top_m: Plackett-Luce ranks the top ``top_m`` (None: the full slate).
+    model_class: learner class, see ``learners.MODEL_CLASSES``.
+    slate_policy: see ``policies.SLATE_POLICIES``.
+    erm_tol: exact-ERM tolerance (see ``learners.fit_erm``).
+    erm_max_iterations: Newton iteration budget per refit.
+    record_kl: also record the KL-regularised regret (one extra softmax over
+      every cell per round).
+  """
+
+  horizon: int = 1000
+  slate_size: int = 2
+  choice_model: str = "bradley_terry"
+  top_m: Optional[int] = None
+  model_class: str = "known_heads"
+  slate_policy: str = "current_reference"
+  erm_tol: float = 1e-9
+  erm_max_iterations: int = 30
+  record_kl: bool = False
+
+  def validate(self, n_actions: Optional[int] = None, min_support: Optional[int] = None):
+    V.positive_int("horizon", self.horizon)
+    V.one_of("choice_model", self.choice_model, choice_lib.CHOICE_MODELS)
+    V.one_of("model_class", self.model_class, learners_lib.MODEL_CLASSES)
+    V.one_of("slate_policy", self.slate_policy, policies_lib.SLATE_POLICIES)
+    V.positive_float("erm_tol", self.erm_tol)
+    V.positive_int("erm_max_iterations", self.erm_max_iterations)
+    if self.top_m is not None:
+      V.positive_int("top_m", self.top_m)
+    model = choice_lib.get_choice_model(self.choice_model, self.top_m)
+    if n_actions is not None:
+      choice_lib.check_slate_size(model, self.slate_size, n_actions)
+    else:
+      V.int_in_range("slate_size", self.slate_size, 2, 10**9)
+    if self.slate_policy == "top_k" and min_support is not None and self.slate_size > min_support:
+      raise ValueError(f"slate_size={self.slate_size} is not allowed with slate_policy='top_k' "
+                       f"when a context supports only {min_support} actions; allowed: "
+                       f"slate_size <= {min_support}")
+    return self
+
+
+class SimulationParams(NamedTuple):
+  """Traced numbers of a simulation (vmappable; changing them does not recompile).
+
+  Attributes:
+    beta: () temperature of the softened policy and of the KL-regularised regret.
+    ridge: () exact-ERM ridge penalty (>= 0).
+    mixture_weight: () weight of pi_t in the 'mixture' slate policy.
+  """
+
+  beta: jax.Array
+  ridge: jax.Array
+  mixture_weight: jax.Array
+
+  @staticmethod
+  def make(beta: float = 1.0, ridge: float = 1.0, mixture_weight: float = 0.5):
+    V.positive_float("beta", beta)
+    V.non_negative_float("ridge", ridge)
+    V.unit_interval("mixture_weight", mixture_weight)
+    f = lambda v: jnp.asarray(v, jnp.float32)
+    return SimulationParams(f(beta), f(ridge), f(mixture_weight))
+
+
+class SimState(NamedTuple):
+  """What one seed carries from round to round.
+
+  Attributes:
+    params: the learner's current estimate (its ``param_shape``).
+    data: :class:`learners.ChoiceData` buffer of capacity ``horizon``.
+    round: () int32 number of rounds completed.
+  """
+
+  params: jax.Array
+  data: learners_lib.ChoiceData
+  round: jax.Array
+
+
+class RoundRecord(NamedTuple):
+  """Per-round outputs (the scan's ys), each (..., n_rounds).
+
+  Attributes:
+    regret: temperature-zero population regret G of the deployed estimate.
+    realised_regret: R*(x, a*, i) - R*(x, a_R_hat, i) for the round's (x, i).
+    kl_regret: KL-regularised regret of the training policy (0 unless recorded).
+    erm_iterations: Newton iterations of the refit after the round.
+    erm_grad_norm: max-abs gradient at the refit.
+    erm_converged: the refit met its tolerance.
+    context: the round's context index.
+    user: the round's user index.
+  """
+
+  regret: jax.Array
+  realised_regret: jax.Array
+  kl_regret: jax.Array
+  erm_iterations: jax.Array
+  erm_grad_norm: jax.Array
+  erm_converged: jax.Array
+  context: jax.Array
+  user: jax.Array
+
+
+def seed_keys(master_seed, seed_ids) -> jax.Array:
+  """Per-seed keys ``fold_in(key(master_seed), seed_id)``: independent of the batch."""
+  base = jax.random.key(master_seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(seed_ids, jnp.uint32))
+
+
+def _components(config: SimulationConfig, instance: Instance):
+  choice_model = choice_lib.get_choice_model(config.choice_model, config.top_m)
+  model = learners_lib.make_model_class(config.model_class, instance)
+  learner = learners_lib.make_learner(model, choice_model, tol=config.erm_tol,
+                                      max_iterations=config.erm_max_iterations)
+  policy = policies_lib.make_slate_policy(config.slate_policy, config.slate_size)
+  return choice_model, learner, policy
+
+
+def init_state(config: SimulationConfig, instance: Instance) -> SimState:
+  """The state before round 1 for one seed (estimate at the learner's ``init``)."""
+  choice_model, learner, _ = _components(config, instance)
+  data = learners_lib.ChoiceData.empty(config.horizon, config.slate_size,
+                                       choice_model.outcome_size(config.slate_size))
+  return SimState(learner.init(), data, jnp.zeros((), jnp.int32))
+
+
+def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationParams,
+               key: jax.Array, state: SimState, n_rounds: int):
+  """Advances one seed by ``n_rounds`` rounds (static) with a ``lax.scan``.
+
+  Args:
+    config: static configuration.
+    instance: one (unbatched) :class:`Instance`.
+    params: traced :class:`SimulationParams`.
+    key: this seed's key.
+    state: the seed's :class:`SimState`.
+    n_rounds: rounds to run (static).
+
+  Returns:
+    ``(state, records)`` with records a :class:`RoundRecord` of (n_rounds,) arrays.
+  """
+  choice_model, learner, policy = _components(config, instance)
+  truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
+                               instance.reference_policy)
+  log_context = jnp.log(instance.context_weights)
+  log_user = jnp.log(instance.user_weights)
+  policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
+
+  def one_round(state: SimState, _):
+    key_t = jax.random.fold_in(key, state.round)
+    key_context, key_user, key_slate, key_choice = jax.random.split(key_t, 4)
+    context = jax.random.categorical(key_context, log_context).astype(jnp.int32)
+    user = jax.random.categorical(key_user, log_user).astype(jnp.int32)
+
+    estimate = learner.scores(state.params)  # (C, U, A), deployed this round
+    per_cell = metrics.cell_regret(truth, estimate)  # (C, U)
+    regret = jnp.sum(truth.weights * per_cell)
+    realised = per_cell[context, user]
+    if config.record_kl:
+      kl_regret = metrics.kl_regularized_regret(truth, estimate, params.beta)
+    else:
+      kl_regret = jnp.zeros((), regret.dtype)
+
+    slate = policy(key_slate, estimate[context, user], truth.log_reference[context],
+                   policy_params)
+    outcome = choice_model.sample(key_choice, truth.scores[context, user, slate])
+    data = state.data.write(state.round, context, user, slate, outcome)
+    fit = learner.fit(state.params, data, params.ridge)
+    record = RoundRecord(regret, realised, kl_regret, fit.iterations, fit.grad_norm,
+                         fit.converged, context, user)
+    return SimState(fit.params, data, state.round + 1), record
+
+  return jax.lax.scan(one_round, state, None, length=n_rounds)
+
+
+# ---------------------------------------------------------------------------
+# Batched kernel and host driver
+# ---------------------------------------------------------------------------
+
+
+def make_chunk_kernel(config: SimulationConfig, n_rounds: int):
+  """``jit(vmap_populations(vmap_seeds(run_rounds)))`` for chunks of ``n_rounds``.
+
+  The returned function maps ``(instances, params, keys, states)`` with
+  instances stacked on a leading population axis (P, ...), keys (S,) shared by
+  every population, and states (P, S, ...) to ``(states, records)`` with
+  records (P, S, n_rounds). ``states`` is donated.
+  """
+
+  def one_seed(instance, params, key, state):
+    return run_rounds(config, instance, params, key, state, n_rounds)
+
+  over_seeds = jax.vmap(one_seed, in_axes=(None, None, 0, 0))
+  over_populations = jax.vmap(over_seeds, in_axes=(0, None, None, 0))
+  return jax.jit(over_populations, donate_argnums=(3,))
+
+
+def init_states(config: SimulationConfig, instances: Instance, n_seeds: int) -> SimState:
+  """Initial states (P, S, ...) for stacked instances."""
+  one = jax.vmap(lambda inst: init_state(config, inst))(instances)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], n_seeds) + x.shape[1:]), one)
+
+
+class SimulationResult(NamedTuple):
+  """Host copies of every per-round record, each (n_populations, n_seeds, horizon).
+
+  Attributes:
+    records: :class:`RoundRecord` of NumPy arrays.
+    final_state: the last :class:`SimState` (device arrays).
+    seed_ids: (n_seeds,) the seed ids used.
+  """
+
+  records: RoundRecord
+  final_state: SimState
+  seed_ids: np.ndarray
+
+  def cumulative_regret(self) -> np.ndarray:
+    """Cumulative temperature-zero regret in float64, (P, S, horizon)."""
+    return np.cumsum(self.records.regret.astype(np.float64), axis=-1)
+
+
+def simulate(instances: Instance, config: SimulationConfig,
+             params: Optional[SimulationParams] = None, *, n_seeds: int = 1,
+             master_seed: int = 0, first_seed: int = 0, chunk_size: Optional[int] = None,
+             callback=None) -> SimulationResult:
+  """Runs the greedy exact-ERM loop for every population and seed.
+
+  Args:
+    instances: an :class:`Instance`, or instances stacked with
+      :func:`instance.stack_instances` (leading population axis).
+    config: the static :class:`SimulationConfig`.
+    params: traced :class:`SimulationParams` (defaults of ``SimulationParams.make``).
+    n_seeds: Monte Carlo seeds per population.
+    master_seed: base of every seed key.
+    first_seed: seed ids are ``first_seed, ..., first_seed + n_seeds - 1``; a
+      seed's trajectory depends only on ``(master_seed, seed id)``.
+    chunk_size: rounds per compiled call (default: the whole horizon).
+    callback: optional ``callback(rounds_done, horizon)`` between chunks.
+
+  Returns:
+    A :class:`SimulationResult`.
+  """
+  if instances.contexts.ndim == 2:
+    instances = jax.tree_util.tree_map(lambda x: x[None], instances)
+  n_actions = instances.actions.shape[-2]
+  min_support = int(np.min(np.sum(np.asarray(instances.reference_policy) > 0, axis=-1)))
+  config.validate(n_actions, min_support)
+  V.positive_int("n_seeds", n_seeds)
+  V.non_negative_int("master_seed", master_seed)
+  V.non_negative_int("first_seed", first_seed)
+  params = params if params is not None else SimulationParams.make()
+  chunk_size = config.horizon if chunk_size is None else V.int_in_range(
+      "chunk_size", chunk_size, 1, config.horizon, f"horizon={config.horizon}")
+  seed_ids = np.arange(first_seed, first_seed + n_seeds, dtype=np.int64)
+  keys = seed_keys(master_seed, seed_ids)
+  states = init_states(config, instances, n_seeds)
+  kernels = {}
+  chunks = []
+  done = 0
+  while done < config.horizon:
+    n_rounds = min(chunk_size, config.horizon - done)
+    if n_rounds not in kernels:
+      kernels[n_rounds] = make_chunk_kernel(config, n_rounds)
+    states, records = kernels[n_rounds](instances, params, keys, states)
+    chunks.append(jax.device_get(records))
+    done += n_rounds
+    if callback is not None:
+      callback(done, config.horizon)
+  records = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=-1), *chunks)
+  return SimulationResult(records, states, seed_ids)
