@@ -220,7 +220,25 @@ def _objective(model, choice_model, params, data, ridge):
           0.5 * ridge * jnp.sum(params**2))
 
 
+def _per_user_gradient(model, choice_model, params, data):
+  features, utilities = _data_utilities(model, params, data)
+  grad_u, _ = jax.vmap(choice_model.gradient_hessian)(utilities, data.outcomes)
+  grad_u = grad_u * data.mask.astype(params.dtype)[:, None]
+  per_datum = jnp.einsum("nkq,nk->nq", features, grad_u)
+  return features, utilities, jax.ops.segment_sum(per_datum, data.users,
+                                                  model.embedding.shape[0])  # (U, q)
+
+
+def _gradient(model, choice_model, params, data, ridge):
+  """Gradient of the penalised objective, ``model.param_shape``."""
+  _, _, user_grad = _per_user_gradient(model, choice_model, params, data)
+  if model.per_user:
+    return user_grad + ridge * params
+  return model.embedding.T @ user_grad + ridge * params
+
+
 def _gradient_hessian(model, choice_model, params, data, ridge):
+  """Gradient and Hessian; the Hessian from per-user sufficient statistics S_i."""
   features, utilities = _data_utilities(model, params, data)
   grad_u, hess_u = jax.vmap(choice_model.gradient_hessian)(utilities, data.outcomes)
   live = data.mask.astype(params.dtype)
@@ -232,29 +250,30 @@ def _gradient_hessian(model, choice_model, params, data, ridge):
   user_grad = jax.ops.segment_sum(per_datum_grad, data.users, n_users)  # (U, q)
   user_hess = jax.ops.segment_sum(per_datum_hess, data.users, n_users)  # (U, q, q)
   q = params.shape[-1]
-  eye = jnp.eye(q, dtype=params.dtype)
   if model.per_user:
-    grad = user_grad + ridge * params
-    hess = user_hess + ridge * eye[None]  # explicit batch axis (rank promotion off)
-    return grad, hess
+    return user_grad + ridge * params, user_hess + ridge * jnp.eye(q, dtype=params.dtype)
   emb = model.embedding
   m = emb.shape[1]
   grad = emb.T @ user_grad + ridge * params  # (m, q)
-  hess = jnp.einsum("um,un,uqr->mqnr", emb, emb, user_hess).reshape(m * q, m * q)
-  hess = hess + ridge * jnp.eye(m * q, dtype=params.dtype)
-  return grad, hess
+  # sum_i (e_i e_i^T) kron S_i as one matrix product: (m*m, U) @ (U, q*q).
+  pair = (emb[:, :, None] * emb[:, None, :]).reshape(n_users, m * m)
+  hess = (pair.T @ user_hess.reshape(n_users, q * q)).reshape(m, m, q, q)
+  hess = hess.transpose(0, 2, 1, 3).reshape(m * q, m * q)
+  return grad, hess + ridge * jnp.eye(m * q, dtype=params.dtype)
 
 
-def _newton_direction(model, grad, hess, damping):
+def _factor(model, hess, damping):
+  """Cholesky factor(s) of the (damped) Hessian: batched per user for per-user classes."""
+  size = hess.shape[-1]
+  return jnp.linalg.cholesky(hess + damping * jnp.eye(size, dtype=hess.dtype))
+
+
+def _solve(model, factor, grad):
+  """Newton direction -Hess^{-1} grad from the Cholesky factor."""
+  solve = lambda f, g: jax.scipy.linalg.cho_solve((f, True), g)
   if model.per_user:
-    q = grad.shape[-1]
-    system = hess + damping * jnp.eye(q, dtype=hess.dtype)[None]
-    factor = jax.scipy.linalg.cho_factor(system)
-    return -jax.vmap(lambda f, g: jax.scipy.linalg.cho_solve((f, False), g))(
-        factor[0], grad)
-  system = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
-  step = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(system), grad.reshape(-1))
-  return step.reshape(grad.shape)
+    return -jax.vmap(solve)(factor, grad)
+  return -solve(factor, grad.reshape(-1)).reshape(grad.shape)
 
 
 _QUADRATIC_REGION = 1e-2  # Newton decrement^2 / 2 below which full steps are taken
@@ -262,18 +281,26 @@ _QUADRATIC_REGION = 1e-2  # Newton decrement^2 / 2 below which full steps are ta
 
 class _SolverState(NamedTuple):
   params: jax.Array
-  value: jax.Array
   grad: jax.Array
-  direction: jax.Array
   decrement: jax.Array
   iteration: jax.Array
+  hessians: jax.Array
   stalled: jax.Array
 
 
 def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
             data: ChoiceData, ridge, *, tol: float = 1e-9, max_iterations: int = 30,
-            max_backtracks: int = 20) -> ERMResult:
+            max_chord_steps: int = 6, max_backtracks: int = 20) -> ERMResult:
   """Exact ERM: the minimiser of the penalised negative log-likelihood of all data.
+
+  Each outer iteration evaluates the Hessian at the current iterate, takes a
+  Newton step (Armijo backtracking outside the quadratic region), then, while
+  inside the quadratic region, reuses that Hessian's Cholesky factor for up to
+  ``max_chord_steps`` further steps that need only a gradient each (chord
+  Newton: linear convergence at a rate set by how much the Hessian moved,
+  which is tiny for a warm start). The loop structure is static, so under
+  ``vmap`` the seeds share each Hessian evaluation instead of paying for it on
+  every step.
 
   Args:
     model: the :class:`ModelClass`.
@@ -281,9 +308,11 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
     params_init: warm start, shape ``model.param_shape``.
     data: the :class:`ChoiceData` buffer (masked rows ignored).
     ridge: () traced penalty ``ridge/2 ||Theta||^2`` (>= 0).
-    tol: stop when decrement^2 / 2 <= tol * max(1, number of observed rows).
-    max_iterations: Newton iteration budget (static).
-    max_backtracks: Armijo halvings per iteration (static).
+    tol: stop when decrement^2 / 2 <= tol * max(1, number of observed rows),
+      the decrement measured with the latest Hessian factor.
+    max_iterations: budget of steps (Newton and chord together; static).
+    max_chord_steps: chord steps per Hessian evaluation (static).
+    max_backtracks: Armijo halvings per Newton step (static).
 
   Returns:
     An :class:`ERMResult`; never raises inside ``jit``.
@@ -293,46 +322,62 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
   n_obs = jnp.maximum(jnp.sum(data.mask), 1).astype(params_init.dtype)
   threshold = tol * n_obs
   objective = lambda p: _objective(model, choice_model, p, data, ridge)
+  gradient = lambda p: _gradient(model, choice_model, p, data, ridge)
 
-  def derivatives(params):
-    grad, hess = _gradient_hessian(model, choice_model, params, data, ridge)
-    direction = _newton_direction(model, grad, hess, damping)
-    decrement = -0.5 * jnp.sum(grad * direction)
-    return grad, direction, decrement
-
-  def cond(state):
+  def outer_cond(state):
     return ((state.iteration < max_iterations) & (state.decrement > threshold) &
             ~state.stalled)
 
-  def body(state):
-    slope = -2.0 * state.decrement  # g^T d
+  def outer_body(state):
+    grad, hess = _gradient_hessian(model, choice_model, state.params, data, ridge)
+    factor = _factor(model, hess, damping)
+    direction = _solve(model, factor, grad)
+    decrement = -0.5 * jnp.sum(grad * direction)
+    slope = -2.0 * decrement
+    value0 = objective(state.params)
+    quadratic = decrement <= _QUADRATIC_REGION
 
     def ls_cond(carry):
       step, value, count = carry
-      return (count < max_backtracks) & ~(value <= state.value + 1e-4 * step * slope)
+      return ~quadratic & (count < max_backtracks) & ~(value <= value0 + 1e-4 * step * slope)
 
     def ls_body(carry):
       step, _, count = carry
       step = 0.5 * step
-      return step, objective(state.params + step * state.direction), count + 1
+      return step, objective(state.params + step * direction), count + 1
 
-    first = objective(state.params + state.direction)
-    # In the quadratic region a full Newton step is safe, and the Armijo test
-    # would only measure float32 rounding of the objective: skip it there.
-    quadratic = state.decrement <= _QUADRATIC_REGION
-    step, value, count = jax.lax.while_loop(
-        lambda carry: ~quadratic & ls_cond(carry), ls_body,
-        (jnp.ones_like(state.value), first, 0))
-    accepted = ((value <= state.value + 1e-4 * step * slope) | quadratic) & jnp.isfinite(value)
-    params = jnp.where(accepted, state.params + step * state.direction, state.params)
-    grad, direction, decrement = derivatives(params)
-    return _SolverState(params, jnp.where(accepted, value, state.value), grad, direction,
-                        decrement, state.iteration + 1, ~accepted)
+    first = objective(state.params + direction)
+    step, value, _ = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones_like(value0), first, 0))
+    accepted = ((value <= value0 + 1e-4 * step * slope) | quadratic) & jnp.isfinite(value)
+    accepted &= decrement > threshold
+    params = jnp.where(accepted, state.params + step * direction, state.params)
+    grad = gradient(params)
+    direction = _solve(model, factor, grad)
+    decrement_new = -0.5 * jnp.sum(grad * direction)
+    decrement_new = jnp.where(accepted, decrement_new, decrement)
 
-  grad0, direction0, decrement0 = derivatives(params_init)
-  state = _SolverState(params_init, objective(params_init), grad0, direction0, decrement0,
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_))
-  state = jax.lax.while_loop(cond, body, state)
+    def chord_cond(carry):
+      _, _, _, dec, count = carry
+      return ((count < max_chord_steps) & (dec > threshold) & (dec <= _QUADRATIC_REGION) &
+              accepted & (state.iteration + 1 + count < max_iterations))
+
+    def chord_body(carry):
+      params, _, direction, _, count = carry
+      params = params + direction
+      grad = gradient(params)
+      direction = _solve(model, factor, grad)
+      return params, grad, direction, -0.5 * jnp.sum(grad * direction), count + 1
+
+    params, grad, _, decrement_new, chords = jax.lax.while_loop(
+        chord_cond, chord_body, (params, grad, direction, decrement_new, 0))
+    return _SolverState(params, grad, decrement_new, state.iteration + 1 + chords,
+                        state.hessians + 1, ~accepted)
+
+  grad0 = gradient(params_init)
+  state = _SolverState(params_init, grad0, jnp.full((), jnp.inf, params_init.dtype),
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                       jnp.zeros((), jnp.bool_))
+  state = jax.lax.while_loop(outer_cond, outer_body, state)
   grad_norm = jnp.max(jnp.abs(state.grad))
   finite = jnp.all(jnp.isfinite(state.params))
   return ERMResult(state.params, state.iteration, grad_norm, state.decrement,
