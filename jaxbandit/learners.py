@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -380,8 +380,11 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
   state = jax.lax.while_loop(outer_cond, outer_body, state)
   grad_norm = jnp.max(jnp.abs(state.grad))
   finite = jnp.all(jnp.isfinite(state.params))
-  return ERMResult(state.params, state.iteration, grad_norm, state.decrement,
-                   (state.decrement <= threshold) & finite)
+  # A failed Cholesky (ridge 0, saturated separable data) leaves a NaN
+  # decrement; report it as inf so the diagnostic stays comparable.
+  decrement = jnp.where(jnp.isnan(state.decrement), jnp.inf, state.decrement)
+  return ERMResult(state.params, state.iteration, grad_norm, decrement,
+                   (decrement <= threshold) & finite)
 
 
 class Learner(NamedTuple):
@@ -392,12 +395,25 @@ class Learner(NamedTuple):
     fit: ``(params, data, ridge) -> ERMResult`` exact ERM warm-started at ``params``.
     scores: ``(params) -> (n_contexts, n_users, n_actions)`` estimated scores.
     cell_scores: ``(params, context, user) -> (n_actions,)``.
+    cells_scores: optional ``(params, contexts (B,), users (B,)) -> (B, n_actions)``.
+    score_drift_bound: optional ``(params_old, params_new) -> (n_contexts, n_users)``,
+      an upper bound on ``max_a |R_new(x, a, i) - R_old(x, a, i)|`` per cell. With
+      both optional fields the simulator can keep the exact population regret
+      up to date by re-scoring only the cells whose greedy action may have
+      changed (``regret_evaluation='incremental'``).
   """
 
   init: Callable
   fit: Callable
   scores: Callable
   cell_scores: Callable
+  cells_scores: Optional[Callable] = None
+  score_drift_bound: Optional[Callable] = None
+
+
+def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
+  """w_i = Theta^T e_i, (n_users, q): R_theta(x, a, i) = <w_i, f(x, a)>."""
+  return params if model.per_user else model.embedding @ params
 
 
 def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1e-9,
@@ -406,6 +422,7 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
   V.positive_float("tol", tol)
   V.positive_int("max_iterations", max_iterations)
   shape = model.param_shape
+  feature_norm = jnp.max(jnp.linalg.norm(model.features, axis=-1), axis=-1)  # (C,)
 
   def init():
     return jnp.zeros(shape, jnp.float32)
@@ -414,5 +431,15 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
     return fit_erm(model, choice_model, params, data, ridge, tol=tol,
                    max_iterations=max_iterations)
 
+  def cells_scores(params, contexts, users):
+    weights = user_vectors(model, params)[users]  # (B, q)
+    return jnp.einsum("baq,bq->ba", model.features[contexts], weights)
+
+  def score_drift_bound(params_old, params_new):
+    # |<w_new - w_old, f(x, a)>| <= ||w_new - w_old|| * max_a ||f(x, a)|| (Cauchy-Schwarz).
+    drift = jnp.linalg.norm(user_vectors(model, params_new - params_old), axis=-1)  # (U,)
+    return feature_norm[:, None] * drift[None, :]
+
   return Learner(init, fit, lambda params: scores(model, params),
-                 lambda params, context, user: cell_scores(model, params, context, user))
+                 lambda params, context, user: cell_scores(model, params, context, user),
+                 cells_scores, score_drift_bound)

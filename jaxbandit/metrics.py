@@ -78,3 +78,107 @@ def kl_regularized_regret(truth: TruthTables, estimated_scores, beta) -> jax.Arr
   logits = jnp.where(jnp.isfinite(log_ref), log_ref + estimated_scores / beta, -jnp.inf)
   achieved = kl_value(truth.scores, logits, log_ref, beta)
   return jnp.sum(truth.weights * jnp.maximum(optimum - achieved, 0.0))
+
+
+# ---------------------------------------------------------------------------
+# Incremental exact regret
+# ---------------------------------------------------------------------------
+
+
+class RegretCache(NamedTuple):
+  """Per-cell greedy decisions of the current estimate, kept exact between rounds.
+
+  A cell's greedy action cannot change while every score moves by less than
+  half its margin (best minus second-best estimated score). ``slack`` is that
+  margin minus twice the accumulated drift bound since the cell was last
+  scored (minus a float32 rounding allowance); only cells with ``slack <= 0``
+  are re-scored, so the recorded regret equals the full re-scoring's.
+
+  Attributes:
+    greedy: (n_contexts, n_users) int32 greedy action of each cell.
+    cell_regret: (n_contexts, n_users) R*(best) - R*(greedy).
+    slack: (n_contexts, n_users) remaining slack; +inf for cells of zero weight,
+      -inf to force re-scoring.
+  """
+
+  greedy: jax.Array
+  cell_regret: jax.Array
+  slack: jax.Array
+
+
+def empty_regret_cache(n_contexts: int, n_users: int) -> RegretCache:
+  """A cache whose every cell must be scored before use."""
+  shape = (n_contexts, n_users)
+  return RegretCache(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32),
+                     jnp.full(shape, -jnp.inf, jnp.float32))
+
+
+def _decide(scores, support, best_true, true_scores):
+  """Greedy action, margin, regret for score rows (..., A) with support rows (..., A)."""
+  masked = jnp.where(support, scores, -jnp.inf)
+  top = jnp.max(masked, axis=-1, keepdims=True)
+  index = jnp.arange(masked.shape[-1], dtype=jnp.float32)
+  first = -jnp.max(jnp.where(masked == top, -index, -jnp.inf), axis=-1, keepdims=True)
+  second = jnp.max(jnp.where(index == first, -jnp.inf, masked), axis=-1)
+  top = top[..., 0]
+  chosen = first[..., 0].astype(jnp.int32)
+  value = jnp.take_along_axis(true_scores, chosen[..., None], axis=-1)[..., 0]
+  # Rounding allowance: two float32 evaluations of one score may differ by a few ulps.
+  allowance = 1e-5 * (1.0 + jnp.abs(top))
+  margin = jnp.where(jnp.isfinite(second), top - second, jnp.inf) - allowance
+  return chosen, best_true - value, margin
+
+
+def refresh_all(truth: TruthTables, estimated_scores) -> RegretCache:
+  """Scores every cell (the full evaluation)."""
+  chosen, regret, margin = _decide(estimated_scores, truth.support[:, None, :], truth.best,
+                                   truth.scores)
+  slack = jnp.where(truth.weights > 0, margin, jnp.inf)
+  return RegretCache(chosen, regret, slack)
+
+
+def refresh_cells(truth: TruthTables, cache: RegretCache, cells, cell_scores) -> RegretCache:
+  """Re-scores the flat cell indices ``cells`` (B,) given their scores (B, n_actions)."""
+  n_users = truth.weights.shape[1]
+  contexts, users = cells // n_users, cells % n_users
+  chosen, regret, margin = _decide(cell_scores, truth.support[contexts],
+                                   truth.best[contexts, users], truth.scores[contexts, users])
+  slack = jnp.where(truth.weights[contexts, users] > 0, margin, jnp.inf)
+  return RegretCache(cache.greedy.at[contexts, users].set(chosen),
+                     cache.cell_regret.at[contexts, users].set(regret),
+                     cache.slack.at[contexts, users].set(slack))
+
+
+def update_regret_cache(truth: TruthTables, cache: RegretCache, all_scores, cells_scores,
+                        budget: int) -> RegretCache:
+  """Brings the cache up to date: nothing, the dirty cells (<= budget), or everything.
+
+  Args:
+    truth: the instance's :class:`TruthTables`.
+    cache: the cache with slack already reduced by the drift since last use.
+    all_scores: ``() -> (C, U, A)`` full estimated scores (called only if needed).
+    cells_scores: ``(contexts (B,), users (B,)) -> (B, A)``.
+    budget: most cells re-scored individually before a full evaluation (static).
+
+  Returns:
+    ``(cache, rescored)``: the updated cache and how many cells were scored
+    (all ``n_contexts * n_users`` for a full evaluation).
+  """
+  dirty = cache.slack <= 0
+  n_dirty = jnp.sum(dirty)
+  n_users = truth.weights.shape[1]
+
+  def partial(cache):
+    cells = jnp.nonzero(dirty.reshape(-1), size=budget, fill_value=0)[0].astype(jnp.int32)
+    scores = cells_scores(cells // n_users, cells % n_users)
+    return refresh_cells(truth, cache, cells, scores)
+
+  def full(cache):
+    del cache
+    return refresh_all(truth, all_scores())
+
+  cache = jax.lax.cond(
+      n_dirty > budget, full,
+      lambda c: jax.lax.cond(n_dirty > 0, partial, lambda c2: c2, c), cache)
+  rescored = jnp.where(n_dirty > budget, dirty.size, n_dirty).astype(jnp.int32)
+  return cache, rescored

@@ -53,10 +53,17 @@ class SimulationConfig:
     erm_max_iterations: Newton iteration budget per refit.
     record_kl: also record the KL-regularised regret (one extra softmax over
       every cell per round).
-    seed_batching: 'vmap' (seeds vectorised together; best on accelerators) or
-      'map' (seeds one after another inside the same kernel, each solver loop
-      stopping on its own; can be faster on a few CPU cores). Results agree to
+    seed_batching: 'vmap' (seeds and populations vectorised together; best on
+      accelerators), 'map' (one after another inside the same kernel, each
+      solver loop and regret update doing only its own work; best on a few CPU
+      cores) or 'auto' ('map' on CPU, 'vmap' elsewhere). Results agree to
       floating-point tolerance.
+    regret_evaluation: 'full' re-scores every (context, user, action) each
+      round; 'incremental' keeps the same exact regret by re-scoring only cells
+      whose greedy action may have changed (see ``metrics.RegretCache``). It
+      saves work only with 'map' batching (under vmap both branches run).
+    rescore_budget: cells re-scored one by one before falling back to a full
+      evaluation ('incremental' only).
   """
 
   horizon: int = 1000
@@ -68,7 +75,9 @@ class SimulationConfig:
   erm_tol: float = 1e-9
   erm_max_iterations: int = 30
   record_kl: bool = False
-  seed_batching: str = "vmap"
+  seed_batching: str = "auto"
+  regret_evaluation: str = "incremental"
+  rescore_budget: int = 512
 
   def validate(self, n_actions: Optional[int] = None, min_support: Optional[int] = None):
     V.positive_int("horizon", self.horizon)
@@ -77,7 +86,9 @@ class SimulationConfig:
     V.one_of("slate_policy", self.slate_policy, policies_lib.SLATE_POLICIES)
     V.positive_float("erm_tol", self.erm_tol)
     V.positive_int("erm_max_iterations", self.erm_max_iterations)
-    V.one_of("seed_batching", self.seed_batching, ("vmap", "map"))
+    V.one_of("seed_batching", self.seed_batching, ("auto", "vmap", "map"))
+    V.one_of("regret_evaluation", self.regret_evaluation, ("full", "incremental"))
+    V.positive_int("rescore_budget", self.rescore_budget)
     if self.top_m is not None:
       V.positive_int("top_m", self.top_m)
     model = choice_lib.get_choice_model(self.choice_model, self.top_m)
@@ -121,11 +132,13 @@ class SimState(NamedTuple):
     params: the learner's current estimate (its ``param_shape``).
     data: :class:`learners.ChoiceData` buffer of capacity ``horizon``.
     round: () int32 number of rounds completed.
+    regret_cache: :class:`metrics.RegretCache` of ``params`` (incremental regret).
   """
 
   params: jax.Array
   data: learners_lib.ChoiceData
   round: jax.Array
+  regret_cache: metrics.RegretCache
 
 
 class RoundRecord(NamedTuple):
@@ -140,6 +153,8 @@ class RoundRecord(NamedTuple):
     erm_converged: the refit met its tolerance.
     context: the round's context index.
     user: the round's user index.
+    rescored_cells: (context, user) cells whose scores were evaluated for the
+      regret this round (all of them under full evaluation).
   """
 
   regret: jax.Array
@@ -150,6 +165,7 @@ class RoundRecord(NamedTuple):
   erm_converged: jax.Array
   context: jax.Array
   user: jax.Array
+  rescored_cells: jax.Array
 
 
 def seed_keys(master_seed, seed_ids) -> jax.Array:
@@ -172,7 +188,8 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
   choice_model, learner, _ = _components(config, instance)
   data = learners_lib.ChoiceData.empty(config.horizon, config.slate_size,
                                        choice_model.outcome_size(config.slate_size))
-  return SimState(learner.init(), data, jnp.zeros((), jnp.int32))
+  cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users)
+  return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache)
 
 
 def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationParams,
@@ -207,23 +224,38 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     context = jax.random.categorical(key_context, log_context).astype(jnp.int32)
     user = jax.random.categorical(key_user, log_user).astype(jnp.int32)
 
-    estimate = learner.scores(state.params)  # (C, U, A), deployed this round
-    per_cell = metrics.cell_regret(truth, estimate)  # (C, U)
+    incremental = (config.regret_evaluation == "incremental" and
+                   learner.cells_scores is not None and learner.score_drift_bound is not None)
+    if incremental:
+      cache, rescored = metrics.update_regret_cache(
+          truth, state.regret_cache, lambda: learner.scores(state.params),
+          lambda contexts, users: learner.cells_scores(state.params, contexts, users),
+          config.rescore_budget)
+      per_cell = cache.cell_regret
+    else:
+      cache = state.regret_cache
+      rescored = jnp.asarray(truth.weights.size, jnp.int32)
+      per_cell = metrics.cell_regret(truth, learner.scores(state.params))  # (C, U)
     regret = jnp.sum(truth.weights * per_cell)
     realised = per_cell[context, user]
     if config.record_kl:
-      kl_regret = metrics.kl_regularized_regret(truth, estimate, params.beta)
+      kl_regret = metrics.kl_regularized_regret(truth, learner.scores(state.params),
+                                                params.beta)
     else:
       kl_regret = jnp.zeros((), regret.dtype)
+    cell_estimate = learner.cell_scores(state.params, context, user)  # (A,)
 
-    slate = policy(key_slate, estimate[context, user], truth.log_reference[context],
+    slate = policy(key_slate, cell_estimate, truth.log_reference[context],
                    policy_params)
     outcome = choice_model.sample(key_choice, truth.scores[context, user, slate])
     data = state.data.write(state.round, context, user, slate, outcome)
     fit = learner.fit(state.params, data, params.ridge)
     record = RoundRecord(regret, realised, kl_regret, fit.iterations, fit.grad_norm,
-                         fit.converged, context, user)
-    return SimState(fit.params, data, state.round + 1), record
+                         fit.converged, context, user, rescored)
+    if incremental:
+      drift = learner.score_drift_bound(state.params, fit.params)
+      cache = cache._replace(slack=cache.slack - 2.0 * drift)
+    return SimState(fit.params, data, state.round + 1, cache), record
 
   return jax.lax.scan(one_round, state, None, length=n_rounds)
 
@@ -231,6 +263,14 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
 # ---------------------------------------------------------------------------
 # Batched kernel and host driver
 # ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def resolve_batching(config: SimulationConfig) -> str:
+  """'map' or 'vmap' for this configuration on the default backend."""
+  if config.seed_batching != "auto":
+    return config.seed_batching
+  return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
 @functools.lru_cache(maxsize=32)
@@ -250,12 +290,17 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int):
   def one_seed(instance, params, key, state):
     return run_rounds(config, instance, params, key, state, n_rounds)
 
-  if config.seed_batching == "vmap":
+  if resolve_batching(config) == "vmap":
     over_seeds = jax.vmap(one_seed, in_axes=(None, None, 0, 0))
-  else:  # "map": one seed after another, each with its own loop trip counts
+    over_populations = jax.vmap(over_seeds, in_axes=(0, None, None, 0))
+  else:  # "map": one after another, each loop and branch doing only its own work
+
     def over_seeds(instance, params, keys, states):
       return jax.lax.map(lambda ks: one_seed(instance, params, *ks), (keys, states))
-  over_populations = jax.vmap(over_seeds, in_axes=(0, None, None, 0))
+
+    def over_populations(instances, params, keys, states):
+      return jax.lax.map(lambda ist: over_seeds(ist[0], params, keys, ist[1]),
+                         (instances, states))
   return jax.jit(over_populations, donate_argnums=(3,))
 
 
