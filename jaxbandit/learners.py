@@ -251,7 +251,7 @@ def _gradient_hessian(model, choice_model, params, data, ridge):
   user_hess = jax.ops.segment_sum(per_datum_hess, data.users, n_users)  # (U, q, q)
   q = params.shape[-1]
   if model.per_user:
-    return user_grad + ridge * params, user_hess + ridge * jnp.eye(q, dtype=params.dtype)
+    return user_grad + ridge * params, user_hess + ridge * jnp.eye(q, dtype=params.dtype)[None]
   emb = model.embedding
   m = emb.shape[1]
   grad = emb.T @ user_grad + ridge * params  # (m, q)
@@ -401,6 +401,8 @@ class Learner(NamedTuple):
       both optional fields the simulator can keep the exact population regret
       up to date by re-scoring only the cells whose greedy action may have
       changed (``regret_evaluation='incremental'``).
+    context_scores: optional ``(params, context) -> (n_users, n_actions)``,
+      used to evaluate every cell one context at a time on CPU.
   """
 
   init: Callable
@@ -409,6 +411,7 @@ class Learner(NamedTuple):
   cell_scores: Callable
   cells_scores: Optional[Callable] = None
   score_drift_bound: Optional[Callable] = None
+  context_scores: Optional[Callable] = None
 
 
 def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
@@ -440,6 +443,9 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
     drift = jnp.linalg.norm(user_vectors(model, params_new - params_old), axis=-1)  # (U,)
     return feature_norm[:, None] * drift[None, :]
 
+  def context_scores(params, context):
+    return user_vectors(model, params) @ model.features[context].T
+
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),
-                 cells_scores, score_drift_bound)
+                 cells_scores, score_drift_bound, context_scores)

@@ -129,10 +129,27 @@ def _decide(scores, support, best_true, true_scores):
   return chosen, best_true - value, margin
 
 
-def refresh_all(truth: TruthTables, estimated_scores) -> RegretCache:
-  """Scores every cell (the full evaluation)."""
-  chosen, regret, margin = _decide(estimated_scores, truth.support[:, None, :], truth.best,
-                                   truth.scores)
+def refresh_all(truth: TruthTables, estimated_scores=None, context_scores=None) -> RegretCache:
+  """Scores every cell (the full evaluation).
+
+  Args:
+    truth: the :class:`TruthTables`.
+    estimated_scores: (C, U, A) scores, or None to use ``context_scores``.
+    context_scores: ``context -> (U, A)`` scores of one context; the cells are
+      then evaluated one context at a time (``lax.map``), which keeps each
+      block in cache and is about twice as fast on CPU.
+  """
+  if estimated_scores is not None:
+    chosen, regret, margin = _decide(estimated_scores, truth.support[:, None, :], truth.best,
+                                     truth.scores)
+  else:
+    def one_context(args):
+      context, support, best, true_scores = args
+      return _decide(context_scores(context), support[None, :], best, true_scores)
+
+    n_contexts = truth.support.shape[0]
+    chosen, regret, margin = jax.lax.map(
+        one_context, (jnp.arange(n_contexts), truth.support, truth.best, truth.scores))
   slack = jnp.where(truth.weights > 0, margin, jnp.inf)
   return RegretCache(chosen, regret, slack)
 
@@ -150,7 +167,7 @@ def refresh_cells(truth: TruthTables, cache: RegretCache, cells, cell_scores) ->
 
 
 def update_regret_cache(truth: TruthTables, cache: RegretCache, all_scores, cells_scores,
-                        budget: int) -> RegretCache:
+                        budget: int, context_scores=None):
   """Brings the cache up to date: nothing, the dirty cells (<= budget), or everything.
 
   Args:
@@ -158,6 +175,8 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, all_scores, cell
     cache: the cache with slack already reduced by the drift since last use.
     all_scores: ``() -> (C, U, A)`` full estimated scores (called only if needed).
     cells_scores: ``(contexts (B,), users (B,)) -> (B, A)``.
+    context_scores: optional ``context -> (U, A)``; if given, the full
+      evaluation goes context by context instead of calling ``all_scores``.
     budget: most cells re-scored individually before a full evaluation (static).
 
   Returns:
@@ -175,6 +194,8 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, all_scores, cell
 
   def full(cache):
     del cache
+    if context_scores is not None:
+      return refresh_all(truth, context_scores=context_scores)
     return refresh_all(truth, all_scores())
 
   cache = jax.lax.cond(

@@ -224,18 +224,24 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     context = jax.random.categorical(key_context, log_context).astype(jnp.int32)
     user = jax.random.categorical(key_user, log_user).astype(jnp.int32)
 
+    blocked_scores = None
+    if resolve_batching(config) == "map" and learner.context_scores is not None:
+      blocked_scores = lambda c: learner.context_scores(state.params, c)
     incremental = (config.regret_evaluation == "incremental" and
                    learner.cells_scores is not None and learner.score_drift_bound is not None)
     if incremental:
       cache, rescored = metrics.update_regret_cache(
           truth, state.regret_cache, lambda: learner.scores(state.params),
           lambda contexts, users: learner.cells_scores(state.params, contexts, users),
-          config.rescore_budget)
+          config.rescore_budget, context_scores=blocked_scores)
       per_cell = cache.cell_regret
     else:
       cache = state.regret_cache
       rescored = jnp.asarray(truth.weights.size, jnp.int32)
-      per_cell = metrics.cell_regret(truth, learner.scores(state.params))  # (C, U)
+      if blocked_scores is not None:
+        per_cell = metrics.refresh_all(truth, context_scores=blocked_scores).cell_regret
+      else:
+        per_cell = metrics.cell_regret(truth, learner.scores(state.params))  # (C, U)
     regret = jnp.sum(truth.weights * per_cell)
     realised = per_cell[context, user]
     if config.record_kl:
