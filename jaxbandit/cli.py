@@ -1,15 +1,19 @@
-"""Command line: ``jaxbandit run``, ``jaxbandit presets``."""
+"""Command line: ``jaxbandit run | presets | plot``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-RUN_EXAMPLE = """example:
+RUN_EXAMPLE = """examples:
   jaxbandit run --preset paper-users                  # the README's main job
-  jaxbandit run --preset smoke --out results/smoke    # a seconds-long try
+  jaxbandit run smoke --out results/smoke             # a preset by name, seconds long
+  jaxbandit run my-experiment.toml                    # a TOML config (see docs/config.md)
+  jaxbandit run results/paper-users/config.toml       # repeat a finished run exactly
   jaxbandit run --preset paper-users --seeds 64 --horizon 2000
+  jaxbandit run --resume results/paper-users          # continue after Ctrl-C / kill
 """
 
 
@@ -18,45 +22,93 @@ def _parser() -> argparse.ArgumentParser:
       prog="jaxbandit",
       description="Vectorized simulator of greedy exact-ERM preference learning.")
   sub = parser.add_subparsers(dest="command", required=True)
-  run = sub.add_parser("run", help="run a preset and write summary.json, curves.csv, figure.png",
-                       epilog=RUN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-  run.add_argument("--preset", default="paper-users", help="preset name (see 'jaxbandit presets')")
-  run.add_argument("--out", default=None, help="results folder (default results/PRESET)")
+  run = sub.add_parser("run", help="run a preset or TOML config; writes summary.json, "
+                       "curves.csv, figure.png", epilog=RUN_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+  run.add_argument("target", nargs="?", default=None,
+                   help="a preset name or a .toml config file (default: paper-users)")
+  run.add_argument("--preset", default=None, help="preset name (see 'jaxbandit presets')")
+  run.add_argument("--out", default=None, help="results folder (default results/NAME)")
   run.add_argument("--seeds", type=int, default=None, help="Monte Carlo seeds per population")
   run.add_argument("--horizon", type=int, default=None, help="rounds per seed")
-  run.add_argument("--chunk-size", type=int, default=None, help="rounds per compiled call")
+  run.add_argument("--chunk-size", type=int, default=None,
+                   help="rounds per compiled call (checkpoint interval)")
+  run.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the interrupted run in DIR (uses DIR/config.toml)")
   run.add_argument("--quiet", action="store_true", help="no progress lines")
   sub.add_parser("presets", help="list the presets with a one-line description",
                  epilog="example:\n  jaxbandit presets",
                  formatter_class=argparse.RawDescriptionHelpFormatter)
+  plot = sub.add_parser("plot", help="redraw the figures of a results folder",
+                        epilog="example:\n  jaxbandit plot results/paper-users --log-x",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+  plot.add_argument("folder", help="a results folder holding curves.csv")
+  plot.add_argument("--log-x", action="store_true", help="logarithmic round axis")
   return parser
 
 
-def _run(args) -> int:
-  from jaxbandit import experiment, presets
+def _resolve_config(args):
+  from jaxbandit import config_io, presets
 
-  config = presets.get_preset(args.preset)
+  if args.target is not None and args.preset is not None:
+    raise ValueError(f"both a target ({args.target!r}) and --preset ({args.preset!r}) were "
+                     f"given; allowed: one of them")
+  target = args.target if args.target is not None else args.preset
+  if args.resume is not None:
+    saved_path = os.path.join(args.resume, config_io.CONFIG_FILE)
+    if not os.path.exists(saved_path):
+      raise ValueError(f"--resume {args.resume!r} holds no {config_io.CONFIG_FILE}; allowed: a "
+                       f"results folder written by 'jaxbandit run'")
+    config = config_io.load_config(saved_path)
+    if target is not None or args.seeds is not None or args.horizon is not None or \
+        args.chunk_size is not None:
+      asked = _resolve_fresh(target or "paper-users", args)
+      if config_io.config_fingerprint(asked) != config_io.config_fingerprint(config):
+        raise ValueError(f"--resume {args.resume!r} was made by a different config; allowed: "
+                         f"'jaxbandit run --resume {args.resume}' alone, or a new --out")
+    return config, args.resume
+  config = _resolve_fresh(target or "paper-users", args)
+  return config, args.out or f"results/{config.name}"
+
+
+def _resolve_fresh(target, args):
+  from jaxbandit import config_io, presets
+
+  if target.endswith(".toml") or os.path.isfile(target):
+    config = config_io.load_config(target)
+  else:
+    config = presets.get_preset(target)
   horizon = args.horizon if args.horizon is not None else config.horizon
   chunk = args.chunk_size
-  if chunk is None and config.chunk_size is not None:
-    chunk = min(config.chunk_size, horizon) if isinstance(horizon, int) and horizon > 0 else None
-  config = presets.with_overrides(config, n_seeds=args.seeds, horizon=args.horizon,
-                                  chunk_size=chunk)
-  config.validate()
-  out = args.out or f"results/{args.preset}"
+  if chunk is None and config.chunk_size is not None and isinstance(horizon, int) and horizon > 0:
+    chunk = min(config.chunk_size, horizon)
+  return presets.with_overrides(config, n_seeds=args.seeds, horizon=args.horizon,
+                                chunk_size=chunk).validate()
+
+
+def _run(args) -> int:
+  from jaxbandit import experiment
+
+  config, out = _resolve_config(args)
+  resume = args.resume is not None
   print(f"jaxbandit run {config.name}: populations {list(config.populations)}, "
-        f"{config.n_seeds} seeds, {config.horizon} rounds -> {out}", flush=True)
+        f"{config.n_seeds} seeds, {config.horizon} rounds -> {out}"
+        f"{' (resuming)' if resume else ''}", flush=True)
   started = time.time()
-  summary = experiment.run_experiment(config, out, progress=not args.quiet)
+  try:
+    summary = experiment.run_experiment(config, out, progress=not args.quiet, resume=resume)
+  except experiment.RunInterrupted as stop:
+    print(f"jaxbandit: {stop}", file=sys.stderr)
+    return 130
   print(f"done in {time.time() - started:.1f}s")
-  print(f"{'users':>6} {'seed':>6} {'Delta_min':>10} {'cum. regret (95% CI)':>30} "
-        f"{'ERM conv.':>9}")
+  print(f"{'users':>6} {'seed':>6} {'Delta_min':>10} {'cum. regret [95% CI]':>32} "
+        f"{'bad rounds':>10} {'ERM conv.':>9}")
   for pop in summary["populations"]:
     reg = pop["final_cumulative_regret"]
     print(f"{pop['n_users']:>6} {pop['accepted_seed']:>6} {pop['min_gap']:>10.3g} "
-          f"{reg['mean']:>10.3f} [{reg['lower95']:.3f}, {reg['upper95']:.3f}]"
-          f"{pop['erm_converged_fraction']:>9.4f}")
-  print(f"wrote {out}/summary.json, curves.csv, figure.png")
+          f"{reg['mean']:>11.3f} [{reg['lower95']:.3f}, {reg['upper95']:.3f}]"
+          f"{pop['bad_rounds']['mean']:>10.1f} {pop['erm_converged_fraction']:>9.4f}")
+  print(f"wrote {out}/config.toml, summary.json, curves.csv, figure.png, figure.pdf")
   return 0
 
 
@@ -69,11 +121,27 @@ def _presets(args) -> int:
   return 0
 
 
+def _plot(args) -> int:
+  from jaxbandit import plotting
+
+  curves = os.path.join(args.folder, "curves.csv")
+  if not os.path.exists(curves):
+    raise ValueError(f"folder={args.folder!r} holds no curves.csv; allowed: a results folder")
+  name = "figure_logx.png" if args.log_x else "figure.png"
+  plotting.cumulative_regret_figure(curves, os.path.join(args.folder, name),
+                                    title=os.path.basename(os.path.normpath(args.folder)),
+                                    log_x=args.log_x)
+  print(f"wrote {os.path.join(args.folder, name)}")
+  return 0
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "run":
       return _run(args)
+    if args.command == "plot":
+      return _plot(args)
     return _presets(args)
   except ValueError as err:
     print(f"jaxbandit: error: {err}", file=sys.stderr)

@@ -90,8 +90,8 @@ class ExperimentConfig:
       V.positive_int("populations[]", size)
     for name in ("n_contexts", "n_actions", "dim", "latent_dim", "max_tries", "n_seeds"):
       V.positive_int(name, getattr(self, name))
-    V.non_negative_int("problem_seed", self.problem_seed)
-    V.non_negative_int("master_seed", self.master_seed)
+    V.seed("problem_seed", self.problem_seed, self.max_tries, "max_tries")
+    V.seed("master_seed", self.master_seed)
     V.positive_float("reward_scale", self.reward_scale)
     V.non_negative_float("min_gap", self.min_gap)
     if self.head_rank is not None:
@@ -157,49 +157,139 @@ def environment_info() -> dict:
   }
 
 
+class RunInterrupted(Exception):
+  """Raised when a run stopped on SIGINT/SIGTERM after writing its checkpoint."""
+
+
 def run_experiment(config: ExperimentConfig, out_dir: Optional[str] = None, *,
-                   progress: bool = True, make_figure: bool = True) -> dict:
-  """Runs an experiment and (if ``out_dir``) writes summary.json, curves.csv, figure.png.
+                   progress: bool = True, make_figure: bool = True,
+                   resume: bool = False) -> dict:
+  """Runs an experiment and (if ``out_dir``) writes config.toml, summary.json, curves.csv
+  and figure.png/pdf.
+
+  With ``out_dir`` the state is checkpointed atomically after every chunk
+  (``chunk_size`` rounds); SIGINT or SIGTERM stop the run after the current
+  chunk with the checkpoint written, and ``resume=True`` continues from it
+  with results bit-identical to an uninterrupted run.
 
   Returns:
     The summary dictionary, with the NumPy records under the key ``"_records"``
     (not written to disk).
+
+  Raises:
+    ValueError: bad config, unwritable folder, or a checkpoint from another config.
+    RunInterrupted: stopped by a signal (the checkpoint is on disk).
   """
+  from jaxbandit import config_io
+
   config.validate()
   if out_dir is not None:
     _prepare_out_dir(out_dir)
+    config_path = os.path.join(out_dir, config_io.CONFIG_FILE)
+    if resume:
+      if not os.path.exists(config_path):
+        raise ValueError(f"resume={out_dir!r} holds no {config_io.CONFIG_FILE}; allowed: a "
+                         f"results folder written by 'jaxbandit run'")
+      saved = config_io.load_config(config_path)
+      if config_io.config_fingerprint(saved) != config_io.config_fingerprint(config):
+        raise ValueError(f"resume={out_dir!r} was made by a different config; allowed: the "
+                         f"folder's own {config_io.CONFIG_FILE} (run 'jaxbandit run --resume "
+                         f"{out_dir}' alone)")
+    else:
+      stale = os.path.join(out_dir, config_io.CHECKPOINT_FILE)
+      if os.path.exists(stale):
+        os.remove(stale)
+      _atomic_write(config_path, config_io.config_to_toml(config))
+  elif resume:
+    raise ValueError("resume=True needs out_dir; allowed: the results folder to resume")
   started = time.time()
   accepted = build_instances(config)
   stacked = instance_lib.stack_instances([a.instance for a in accepted])
   sim_config = config.simulation_config()
   params = sim.SimulationParams.make(config.beta, config.ridge, config.mixture_weight)
-  reporter = _Progress(config, enabled=progress)
-  result = sim.simulate(stacked, sim_config, params, n_seeds=config.n_seeds,
-                        master_seed=config.master_seed, chunk_size=config.chunk_size,
-                        callback=reporter)
+  resume_from = None
+  if resume:
+    template = sim.init_states(sim_config, stacked, config.n_seeds)
+    resume_from = config_io.load_checkpoint(out_dir, config, template)
+    if resume_from is None and os.path.exists(os.path.join(out_dir, "summary.json")):
+      raise ValueError(f"resume={out_dir!r} is already complete (summary.json written, no "
+                       f"checkpoint left); allowed: a folder whose run was interrupted")
+  reporter = _Progress(config, enabled=progress,
+                       start_round=resume_from.rounds_done if resume_from else 0)
+  stop = _StopOnSignal()
+
+  def between_chunks(state: sim.Progress) -> bool:
+    reporter(state.rounds_done, state.horizon)
+    if out_dir is not None and state.rounds_done < state.horizon:
+      config_io.save_checkpoint(out_dir, config, state)
+    return stop.requested
+
+  with stop:
+    result = sim.simulate(stacked, sim_config, params, n_seeds=config.n_seeds,
+                          master_seed=config.master_seed, chunk_size=config.chunk_size,
+                          callback=between_chunks, resume_from=resume_from)
+  if result.rounds_done < config.horizon:
+    raise RunInterrupted(f"stopped after round {result.rounds_done} of {config.horizon}; "
+                         f"continue with: jaxbandit run --resume {out_dir}")
   elapsed = time.time() - started
   summary = summarize(config, accepted, result.records, elapsed)
   summary["_records"] = result.records
   if out_dir is not None:
     write_results(out_dir, config, summary, result.records, make_figure=make_figure)
+    checkpoint = os.path.join(out_dir, config_io.CHECKPOINT_FILE)
+    if os.path.exists(checkpoint):
+      os.remove(checkpoint)
   return summary
+
+
+class _StopOnSignal:
+  """Turns SIGINT/SIGTERM into a request to stop after the current chunk."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def _handler(self, signum, frame):
+    del frame
+    self.requested = True
+    print(f"\n  signal {signum}: stopping after this chunk (checkpoint follows)", flush=True)
+
+  def __enter__(self):
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    import signal
+
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
 
 
 class _Progress:
   """Prints rounds done, seed-rounds per second and time left between chunks."""
 
-  def __init__(self, config: ExperimentConfig, enabled: bool):
+  def __init__(self, config: ExperimentConfig, enabled: bool, start_round: int = 0):
     self.enabled = enabled
     self.start = time.time()
+    self.start_round = start_round
     self.per_round = config.n_seeds * len(config.populations)
 
   def __call__(self, done, horizon):
     if not self.enabled:
       return
     elapsed = time.time() - self.start
-    rate = done * self.per_round / max(elapsed, 1e-9)
+    rate = (done - self.start_round) * self.per_round / max(elapsed, 1e-9)
     left = (horizon - done) * self.per_round / max(rate, 1e-9)
-    print(f"  rounds {done}/{horizon}  {rate:,.0f} seed-rounds/s  "
+    width = 30
+    filled = int(width * done / max(horizon, 1))
+    bar = "#" * filled + "." * (width - filled)
+    print(f"  [{bar}] rounds {done}/{horizon}  {rate:,.0f} seed-rounds/s  "
           f"elapsed {elapsed:,.0f}s  left ~{left:,.0f}s", flush=True)
 
 

@@ -97,15 +97,20 @@ def low_rank_heads(rank: int) -> HeadGenerator:
   """
   V.positive_int("rank", rank)
 
-  def generate(key, n_users, latent_dim):
+  def check(n_users, latent_dim):
+    del n_users
     if rank > latent_dim:
       raise ValueError(
           f"rank={rank} is above latent_dim={latent_dim}; allowed: 1 <= rank <= latent_dim")
+
+  def generate(key, n_users, latent_dim):
+    check(n_users, latent_dim)
     key_coef, key_basis = jax.random.split(key)
     coef = jax.random.normal(key_coef, (n_users, rank)) / np.sqrt(rank)
     basis, _ = jnp.linalg.qr(jax.random.normal(key_basis, (latent_dim, rank)))
     return coef @ basis.T
 
+  generate.check = check  # host-side size check, run by make_instance before any draw
   return generate
 
 
@@ -113,13 +118,17 @@ def supplied_heads(heads) -> HeadGenerator:
   """Heads given by the user, shape (n_users, latent_dim); checked for finiteness."""
   heads = V.finite_array("heads", heads, ndim=2)
 
-  def generate(key, n_users, latent_dim):
-    del key
+  def check(n_users, latent_dim):
     if heads.shape != (n_users, latent_dim):
       raise ValueError(
           f"heads has shape {heads.shape}; allowed: (n_users, latent_dim) = ({n_users}, {latent_dim})")
+
+  def generate(key, n_users, latent_dim):
+    del key
+    check(n_users, latent_dim)
     return jnp.asarray(heads, jnp.float32)
 
+  generate.check = check  # host-side shape check, run by make_instance before any draw
   return generate
 
 
@@ -171,6 +180,8 @@ def make_instance(
   reference_policy = V.reference_policy("reference_policy", reference_policy, n_contexts,
                                         n_actions)
   heads = heads if heads is not None else gaussian_heads()
+  if hasattr(heads, "check"):  # a generator's own size checks, before anything compiles
+    heads.check(n_users, latent_dim)
   key_ctx, key_act, key_map, key_head = jax.random.split(key, 4)
   contexts = jax.random.normal(key_ctx, (n_contexts, dim))
   actions = jax.random.normal(key_act, (n_contexts, n_actions, dim))
@@ -258,7 +269,8 @@ def greedy_actions(scores: jax.Array, support: jax.Array) -> jax.Array:
   # Two max-reductions instead of jnp.argmax: the same first maximiser, but
   # XLA's CPU argmax (a variadic reduce) is several times slower than max.
   top = jnp.max(masked, axis=-1, keepdims=True)
-  index = jnp.arange(masked.shape[-1], dtype=jnp.float32)
+  index = jnp.arange(masked.shape[-1], dtype=jnp.float32).reshape(
+      (1,) * (masked.ndim - 1) + (-1,))
   first = -jnp.max(jnp.where(masked == top, -index, -jnp.inf), axis=-1)
   return first.astype(jnp.int32)
 
@@ -342,9 +354,9 @@ def accept_problem_seed(problem_seed: int, *, min_gap: float, max_tries: int = 2
   Returns:
     An :class:`AcceptedInstance`.
   """
-  V.non_negative_int("problem_seed", problem_seed)
   V.non_negative_float("min_gap", min_gap)
   V.positive_int("max_tries", max_tries)
+  V.seed("problem_seed", problem_seed, max_tries, "max_tries")
   best = -np.inf
   for tries in range(1, max_tries + 1):
     seed = problem_seed + tries - 1

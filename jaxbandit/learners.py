@@ -264,8 +264,8 @@ def _gradient_hessian(model, choice_model, params, data, ridge):
 
 def _factor(model, hess, damping):
   """Cholesky factor(s) of the (damped) Hessian: batched per user for per-user classes."""
-  size = hess.shape[-1]
-  return jnp.linalg.cholesky(hess + damping * jnp.eye(size, dtype=hess.dtype))
+  eye = jnp.eye(hess.shape[-1], dtype=hess.dtype)
+  return jnp.linalg.cholesky(hess + damping * eye.reshape((1,) * (hess.ndim - 2) + eye.shape))
 
 
 def _solve(model, factor, grad):

@@ -117,7 +117,8 @@ def _decide(scores, support, best_true, true_scores):
   """Greedy action, margin, regret for score rows (..., A) with support rows (..., A)."""
   masked = jnp.where(support, scores, -jnp.inf)
   top = jnp.max(masked, axis=-1, keepdims=True)
-  index = jnp.arange(masked.shape[-1], dtype=jnp.float32)
+  index = jnp.arange(masked.shape[-1], dtype=jnp.float32).reshape(
+      (1,) * (masked.ndim - 1) + (-1,))
   first = -jnp.max(jnp.where(masked == top, -index, -jnp.inf), axis=-1, keepdims=True)
   second = jnp.max(jnp.where(index == first, -jnp.inf, masked), axis=-1)
   top = top[..., 0]

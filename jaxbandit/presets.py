@@ -14,7 +14,7 @@ PRESETS = {
         "known-heads exact ERM every round",
         ExperimentConfig(name="paper-users", populations=(10, 50, 100), n_contexts=100,
                          n_actions=100, dim=5, latent_dim=10, reward_scale=1.0,
-                         problem_seed=1000, min_gap=1e-4, horizon=1000, n_seeds=16,
+                         problem_seed=1000, min_gap=1e-4, horizon=1000, n_seeds=8,
                          slate_policy="current_reference", choice_model="bradley_terry",
                          model_class="known_heads", beta=1.0, ridge=1.0, chunk_size=250),
     ),

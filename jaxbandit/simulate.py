@@ -89,6 +89,7 @@ class SimulationConfig:
     V.one_of("seed_batching", self.seed_batching, ("auto", "vmap", "map"))
     V.one_of("regret_evaluation", self.regret_evaluation, ("full", "incremental"))
     V.positive_int("rescore_budget", self.rescore_budget)
+    V.boolean("record_kl", self.record_kl)
     if self.top_m is not None:
       V.positive_int("top_m", self.top_m)
     model = choice_lib.get_choice_model(self.choice_model, self.top_m)
@@ -271,7 +272,6 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=32)
 def resolve_batching(config: SimulationConfig) -> str:
   """'map' or 'vmap' for this configuration on the default backend."""
   if config.seed_batching != "auto":
@@ -280,7 +280,7 @@ def resolve_batching(config: SimulationConfig) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def make_chunk_kernel(config: SimulationConfig, n_rounds: int):
+def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 1):
   """``jit(vmap_populations(vmap_seeds(run_rounds)))`` for chunks of ``n_rounds``.
 
   The returned function maps ``(instances, params, keys, states)`` with
@@ -288,7 +288,11 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int):
   every population, and states (P, S, ...) to ``(states, records)`` with
   records (P, S, n_rounds). ``states`` is donated.
 
-  Kernels are cached per ``(config, n_rounds)``: repeated :func:`simulate`
+  With ``n_devices > 1`` the seed axis is split over the first ``n_devices``
+  local devices with ``jax.shard_map`` (each device runs its seeds; nothing
+  is communicated); ``S`` must then be a multiple of ``n_devices``.
+
+  Kernels are cached per ``(config, n_rounds, n_devices)``: repeated :func:`simulate`
   calls that change only traced values (instance arrays, params, seeds of the
   same shapes) reuse one compiled kernel instead of recompiling.
   """
@@ -307,6 +311,16 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int):
     def over_populations(instances, params, keys, states):
       return jax.lax.map(lambda ist: over_seeds(ist[0], params, keys, ist[1]),
                          (instances, states))
+  if n_devices > 1:
+    from jax.sharding import Mesh, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), ("seeds",))
+    over_populations = jax.shard_map(
+        over_populations, mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec("seeds"),
+                  PartitionSpec(None, "seeds")),
+        out_specs=(PartitionSpec(None, "seeds"), PartitionSpec(None, "seeds")),
+        check_vma=False)  # per-seed loops start from constants; nothing is communicated
   return jax.jit(over_populations, donate_argnums=(3,))
 
 
@@ -317,28 +331,108 @@ def init_states(config: SimulationConfig, instances: Instance, n_seeds: int) -> 
       lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], n_seeds) + x.shape[1:]), one)
 
 
+def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users: int,
+                          n_contexts: int, n_actions: int, n_params: int, n_seeds: int,
+                          chunk_size: int) -> dict:
+  """Rough peak-memory estimate of a run, by component (bytes).
+
+  State per seed: the data buffer (horizon rows of context, user, slate,
+  outcome, mask), the regret cache (3 numbers per cell) and the estimate;
+  records: 9 numbers per seed-round kept on the host for the whole horizon,
+  plus one chunk of them on the device; truth tables per population.
+  """
+  n_ranked = config.slate_size if (config.choice_model == "plackett_luce" and
+                                   config.top_m is None) else (config.top_m or 1)
+  row = 4 * (2 + config.slate_size + n_ranked) + 1
+  per_seed = config.horizon * row + 12 * n_contexts * n_users + 8 * n_params
+  lanes = n_populations * n_seeds
+  estimate = {
+      "state": lanes * per_seed * 2,  # the kernel's input and output copies
+      "records_host": lanes * config.horizon * 9 * 4 * 2,  # chunks + their concatenation
+      "records_device": lanes * chunk_size * 9 * 4,
+      "truth": n_populations * 4 * n_contexts * n_users * (n_actions + 4),
+  }
+  if resolve_batching(config) == "vmap":
+    # vmapped temporaries: one score tensor and the ERM's per-datum Hessians per lane.
+    estimate["vmap_temporaries"] = lanes * 4 * (n_contexts * n_users * n_actions +
+                                                config.horizon * 64)
+  estimate["total"] = sum(estimate.values())
+  return estimate
+
+
+def available_memory_bytes() -> Optional[int]:
+  """MemAvailable from /proc/meminfo (None where unknown)."""
+  try:
+    with open("/proc/meminfo") as handle:
+      for line in handle:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    return None
+  return None
+
+
+def check_memory(config: SimulationConfig, instances: Instance, n_seeds: int, chunk_size: int,
+                 n_params: int) -> dict:
+  """Refuses, before compiling, a run whose estimated memory exceeds what is available."""
+  n_populations = instances.contexts.shape[0]
+  n_contexts, n_users = instances.contexts.shape[-2], instances.heads.shape[-2]
+  estimate = estimate_memory_bytes(config, n_populations, n_users, n_contexts,
+                                   instances.actions.shape[-2], n_params, n_seeds, chunk_size)
+  available = available_memory_bytes()
+  if available is not None and estimate["total"] > 0.8 * available:
+    per_seed = estimate["total"] / max(n_seeds, 1)
+    fitting = int(0.8 * available // max(per_seed, 1))
+    raise ValueError(
+        f"n_seeds={n_seeds} x horizon={config.horizon} needs about "
+        f"{estimate['total'] / 2**30:.1f} GiB ({', '.join(f'{k} {v / 2**30:.2f}' for k, v in estimate.items() if k != 'total')} GiB) "
+        f"but {available / 2**30:.1f} GiB is available; allowed: at most about "
+        f"{max(fitting, 0)} seeds per run at this horizon (run the rest with first_seed), "
+        f"or a shorter horizon")
+  return estimate
+
+
 class SimulationResult(NamedTuple):
-  """Host copies of every per-round record, each (n_populations, n_seeds, horizon).
+  """Host copies of every per-round record, each (n_populations, n_seeds, rounds_done).
 
   Attributes:
     records: :class:`RoundRecord` of NumPy arrays.
     final_state: the last :class:`SimState` (device arrays).
     seed_ids: (n_seeds,) the seed ids used.
+    rounds_done: rounds completed (the horizon unless stopped early).
   """
 
   records: RoundRecord
   final_state: SimState
   seed_ids: np.ndarray
+  rounds_done: int
 
   def cumulative_regret(self) -> np.ndarray:
-    """Cumulative temperature-zero regret in float64, (P, S, horizon)."""
+    """Cumulative temperature-zero regret in float64, (P, S, rounds_done)."""
     return np.cumsum(self.records.regret.astype(np.float64), axis=-1)
+
+
+class Progress(NamedTuple):
+  """What :func:`simulate` hands its callback after every chunk.
+
+  Attributes:
+    rounds_done: rounds completed so far.
+    horizon: total rounds.
+    states: the current :class:`SimState` (P, S, ...), device arrays.
+    records: list of per-chunk :class:`RoundRecord` (NumPy), in order.
+  """
+
+  rounds_done: int
+  horizon: int
+  states: SimState
+  records: list
 
 
 def simulate(instances: Instance, config: SimulationConfig,
              params: Optional[SimulationParams] = None, *, n_seeds: int = 1,
              master_seed: int = 0, first_seed: int = 0, chunk_size: Optional[int] = None,
-             callback=None) -> SimulationResult:
+             callback=None, resume_from: Optional[Progress] = None,
+             n_devices: Optional[int] = None) -> SimulationResult:
   """Runs the greedy exact-ERM loop for every population and seed.
 
   Args:
@@ -351,36 +445,80 @@ def simulate(instances: Instance, config: SimulationConfig,
     first_seed: seed ids are ``first_seed, ..., first_seed + n_seeds - 1``; a
       seed's trajectory depends only on ``(master_seed, seed id)``.
     chunk_size: rounds per compiled call (default: the whole horizon).
-    callback: optional ``callback(rounds_done, horizon)`` between chunks.
+    callback: optional ``callback(progress: Progress) -> bool`` called between
+      chunks (progress display, checkpoints); returning True stops the run
+      after that chunk.
+    resume_from: a :class:`Progress` saved earlier; the run continues from it
+      and gives the same records as an uninterrupted run.
+    n_devices: local devices to split the seeds over (default: all of them).
+      The seed count is padded up to a multiple with extra seed ids whose
+      results are dropped, so every seed's draws stay those of a one-device run.
+      Under ``jax.distributed`` (several processes), each process runs a
+      contiguous share of the seed ids on its own devices and the records are
+      gathered so that every process returns all of them.
 
   Returns:
     A :class:`SimulationResult`.
   """
-  if instances.contexts.ndim == 2:
-    instances = jax.tree_util.tree_map(lambda x: x[None], instances)
+  # Every check runs on the host before the first JAX operation.
   n_actions = instances.actions.shape[-2]
   min_support = int(np.min(np.sum(np.asarray(instances.reference_policy) > 0, axis=-1)))
   config.validate(n_actions, min_support)
+  V.instance_values(instances)
   V.positive_int("n_seeds", n_seeds)
-  V.non_negative_int("master_seed", master_seed)
-  V.non_negative_int("first_seed", first_seed)
-  params = params if params is not None else SimulationParams.make()
+  V.seed("master_seed", master_seed)
+  V.seed("first_seed", first_seed, n_seeds, "n_seeds")
+  if params is None:
+    params = SimulationParams.make()
+  else:  # params built directly bypass make()'s checks
+    SimulationParams.make(*(V.host_scalar(k, v) for k, v in params._asdict().items()))
   chunk_size = config.horizon if chunk_size is None else V.int_in_range(
       "chunk_size", chunk_size, 1, config.horizon, f"horizon={config.horizon}")
-  seed_ids = np.arange(first_seed, first_seed + n_seeds, dtype=np.int64)
+  n_local = V.int_in_range("n_devices", n_devices, 1, jax.local_device_count(),
+                           f"local devices={jax.local_device_count()}") \
+      if n_devices is not None else jax.local_device_count()
+  if instances.contexts.ndim == 2:
+    instances = jax.tree_util.tree_map(lambda x: x[None], instances)
+  n_params = int(np.prod(init_state(config, jax.tree_util.tree_map(
+      lambda x: x[0], instances)).params.shape))
+  check_memory(config, instances, n_seeds, chunk_size, n_params)
+  n_processes, process = jax.process_count(), jax.process_index()
+  n_local = min(n_local, max(1, -(-n_seeds // n_processes)))
+  per_process = -(-n_seeds // n_processes)  # ceil
+  per_process = -(-per_process // n_local) * n_local  # a multiple of the local devices
+  seed_ids = np.arange(first_seed + process * per_process,
+                       first_seed + (process + 1) * per_process, dtype=np.int64)
   keys = seed_keys(master_seed, seed_ids)
-  states = init_states(config, instances, n_seeds)
+  lanes = len(seed_ids)
+  if resume_from is not None:
+    states = jax.tree_util.tree_map(jnp.asarray, resume_from.states)
+    chunks = list(resume_from.records)
+    done = int(resume_from.rounds_done)
+  else:
+    states = init_states(config, instances, lanes)
+    chunks = []
+    done = 0
   kernels = {}
-  chunks = []
-  done = 0
   while done < config.horizon:
     n_rounds = min(chunk_size, config.horizon - done)
     if n_rounds not in kernels:
-      kernels[n_rounds] = make_chunk_kernel(config, n_rounds)
+      kernels[n_rounds] = make_chunk_kernel(config, n_rounds, n_local)
     states, records = kernels[n_rounds](instances, params, keys, states)
     chunks.append(jax.device_get(records))
     done += n_rounds
-    if callback is not None:
-      callback(done, config.horizon)
-  records = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=-1), *chunks)
-  return SimulationResult(records, states, seed_ids)
+    if callback is not None and callback(Progress(done, config.horizon, states, chunks)):
+      break
+  if chunks:
+    records = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=-1), *chunks)
+  else:
+    records = None
+  if n_processes > 1 and records is not None:
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(records, tiled=False)  # (procs, P, S_p, T)
+    records = jax.tree_util.tree_map(
+        lambda x: np.concatenate(list(np.asarray(x)), axis=1), gathered)
+    seed_ids = np.arange(first_seed, first_seed + n_processes * per_process, dtype=np.int64)
+  if records is not None and records.regret.shape[1] != n_seeds:
+    records = jax.tree_util.tree_map(lambda x: x[:, :n_seeds], records)
+  return SimulationResult(records, states, seed_ids[:n_seeds], done)

@@ -1,0 +1,154 @@
+"""Command line, TOML configs, checkpoints and resume after a real kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxbandit import cli, config_io, experiment, presets
+
+TINY_TOML = """
+preset = "smoke"
+name = "tiny"
+populations = [2, 3]
+n_contexts = 3
+n_actions = 4
+dim = 2
+latent_dim = 2
+horizon = 240
+n_seeds = 3
+chunk_size = 6
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_config_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+  path.write_text(TINY_TOML)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_config_file, tmp_path_factory):
+  """An uninterrupted run of the tiny config (shared by the resume tests)."""
+  out = str(tmp_path_factory.mktemp("reference"))
+  config = config_io.load_config(tiny_config_file)
+  summary = experiment.run_experiment(config, out, progress=False, make_figure=False)
+  return out, summary
+
+
+def test_toml_round_trip_reproduces_config(tiny_config_file, reference_run):
+  out, _ = reference_run
+  written = config_io.load_config(os.path.join(out, "config.toml"))
+  original = config_io.load_config(tiny_config_file)
+  assert written == original
+  assert written.n_contexts == 3 and written.populations == (2, 3)
+  # Keys not in the file keep the preset's values.
+  assert written.reward_scale == presets.get_preset("smoke").reward_scale
+
+
+def test_results_folder_contents(reference_run):
+  out, summary = reference_run
+  for name in ("config.toml", "summary.json", "curves.csv"):
+    assert os.path.exists(os.path.join(out, name))
+  assert not os.path.exists(os.path.join(out, "checkpoint.npz"))
+  lines = open(os.path.join(out, "curves.csv")).read().splitlines()
+  assert lines[0] == "round,n_users,mean,lower,upper"
+  assert len(lines) == 1 + 240 * 2
+  records = summary["_records"]
+  cumulative = np.cumsum(records.regret.astype(np.float64), axis=-1)
+  # Final mean cumulative regret in the summary equals the records' mean.
+  for p, pop in enumerate(summary["populations"]):
+    assert pop["final_cumulative_regret"]["mean"] == pytest.approx(cumulative[p, :, -1].mean())
+  assert summary["environment"]["jax"]
+  assert summary["config"]["name"] == "tiny"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("horizonn = 3\n", "horizonn"),
+    ("horizon = 'ten'\n", "horizon"),
+    ("horizon = 2.5\n", "horizon"),
+    ("record_kl = 1\n", "record_kl"),
+    ("populations = [10, 'x']\n", "populations"),
+    ("beta = -1.0\n", "beta"),
+    ("preset = 'nope'\n", "preset"),
+])
+def test_bad_toml_is_refused(tmp_path, text, key):
+  path = tmp_path / "bad.toml"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=key):
+    config_io.load_config(str(path))
+
+
+def test_cli_errors_are_clean(tmp_path, capsys):
+  path = tmp_path / "bad.toml"
+  path.write_text("unknown_key = 1\n")
+  assert cli.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert "unknown_key" in err and "Traceback" not in err
+  assert cli.main(["run", "no-such-preset"]) == 2
+  assert "paper-users" in capsys.readouterr().err  # lists the valid names
+
+
+def test_presets_and_plot(reference_run, capsys):
+  assert cli.main(["presets"]) == 0
+  listing = capsys.readouterr().out
+  assert "paper-users" in listing and "smoke" in listing
+  out, _ = reference_run
+  assert cli.main(["plot", out, "--log-x"]) == 0
+  assert os.path.getsize(os.path.join(out, "figure_logx.png")) > 1000
+
+
+def _start(args, env=None):
+  return subprocess.Popen([sys.executable, "-m", "jaxbandit.cli", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_for(path, process, timeout=240):
+  start = time.time()
+  while not os.path.exists(path):
+    if process.poll() is not None:
+      raise AssertionError(process.stdout.read().decode())
+    if time.time() - start > timeout:
+      process.kill()
+      raise AssertionError("no checkpoint appeared")
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["kill", "sigint"])
+def test_resume_after_interruption_is_bit_identical(how, tiny_config_file, reference_run,
+                                                    tmp_path):
+  ref_out, _ = reference_run
+  out = str(tmp_path / "run")
+  process = _start(["run", tiny_config_file, "--out", out, "--quiet"])
+  _wait_for(os.path.join(out, "checkpoint.npz"), process)
+  if how == "kill":
+    process.kill()
+  else:
+    process.send_signal(signal.SIGINT)
+  code = process.wait(timeout=240)
+  output = process.stdout.read().decode()
+  # 40 chunks, each followed by a checkpoint: the signal lands mid-run.
+  if how == "sigint":
+    assert code == 130, output  # stopped cleanly after a chunk
+    assert "--resume" in output
+  assert code != 0, output
+  assert not os.path.exists(os.path.join(out, "summary.json"))
+  assert os.path.exists(os.path.join(out, "checkpoint.npz"))
+  assert cli.main(["run", "--resume", out, "--quiet"]) == 0
+  assert open(os.path.join(out, "curves.csv")).read() == \
+      open(os.path.join(ref_out, "curves.csv")).read()
+
+
+def test_resume_with_a_different_config_is_refused(tiny_config_file, reference_run, tmp_path,
+                                                    capsys):
+  ref_out, _ = reference_run
+  assert cli.main(["run", "--resume", ref_out, "--horizon", "300"]) == 2
+  assert "different config" in capsys.readouterr().err
+  # A complete folder has nothing to resume.
+  assert cli.main(["run", "--resume", ref_out]) == 2
+  assert "already complete" in capsys.readouterr().err
