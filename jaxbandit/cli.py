@@ -1,4 +1,4 @@
-"""Command line: ``jaxbandit run | presets | plot``."""
+"""Command line: ``jaxbandit run | sweep | presets | plot``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,21 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the interrupted run in DIR (uses DIR/config.toml)")
   run.add_argument("--quiet", action="store_true", help="no progress lines")
+  sweep = sub.add_parser(
+      "sweep", help="run a grid over one traced parameter, compiled once",
+      epilog="""examples:
+  jaxbandit sweep smoke --param beta --values 0.1,1,10
+  jaxbandit sweep paper-users --param head_rank --values 1,2,5,10 --seeds 8 --horizon 500
+sweepable: beta, ridge, mixture_weight, reward_scale, head_rank, min_gap, problem_seed""",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  sweep.add_argument("target", help="a preset name or a .toml config file")
+  sweep.add_argument("--param", required=True, help="the parameter to sweep")
+  sweep.add_argument("--values", required=True, help="comma-separated values")
+  sweep.add_argument("--out", default=None, help="results folder (default results/NAME-sweep-PARAM)")
+  sweep.add_argument("--seeds", type=int, default=None, help="Monte Carlo seeds per lane")
+  sweep.add_argument("--horizon", type=int, default=None, help="rounds per seed")
+  sweep.add_argument("--chunk-size", type=int, default=None, help="rounds per compiled call")
+  sweep.add_argument("--quiet", action="store_true", help="no progress lines")
   sub.add_parser("presets", help="list the presets with a one-line description",
                  epilog="example:\n  jaxbandit presets",
                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +87,7 @@ def _resolve_config(args):
 
 
 def _resolve_fresh(target, args):
+  args.seeds = getattr(args, "seeds", None)
   from jaxbandit import config_io, presets
 
   if target.endswith(".toml") or os.path.isfile(target):
@@ -112,6 +128,30 @@ def _run(args) -> int:
   return 0
 
 
+def _sweep(args) -> int:
+  from jaxbandit import experiment, validation
+
+  validation.one_of("param", args.param, sorted(experiment.SWEEPABLE))
+  convert = int if args.param in ("head_rank", "problem_seed") else float
+  try:
+    values = [convert(v) for v in args.values.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"values={args.values!r} is not allowed; allowed: comma-separated "
+                     f"{'integers' if convert is int else 'numbers'}") from None
+  config = _resolve_fresh(args.target, args)
+  out = args.out or f"results/{config.name}-sweep-{args.param}"
+  print(f"jaxbandit sweep {config.name}: {args.param} in {values}, populations "
+        f"{list(config.populations)}, {config.n_seeds} seeds, {config.horizon} rounds -> {out}",
+        flush=True)
+  summary = experiment.run_sweep(config, args.param, values, out, progress=not args.quiet)
+  print(f"{args.param:>14} {'users':>6} {'cum. regret [95% CI]':>32} {'tail regret':>12}")
+  for row in summary["lanes"]:
+    print(f"{row['value']!s:>14} {row['n_users']:>6} {row['final_mean']:>11.3f} "
+          f"[{row['final_lower95']:.3f}, {row['final_upper95']:.3f}] {row['tail_mean']:>12.4f}")
+  print(f"wrote {out}/sweep.csv, curves.csv, summary.json, figure.png")
+  return 0
+
+
 def _presets(args) -> int:
   del args
   from jaxbandit.presets import PRESETS
@@ -142,6 +182,8 @@ def main(argv=None) -> int:
       return _run(args)
     if args.command == "plot":
       return _plot(args)
+    if args.command == "sweep":
+      return _sweep(args)
     return _presets(args)
   except ValueError as err:
     print(f"jaxbandit: error: {err}", file=sys.stderr)

@@ -52,3 +52,32 @@ def cumulative_regret_figure(curves_csv: str, out_png: str, title: str = "",
   fig.savefig(out_png)
   fig.savefig(out_png[:-4] + ".pdf") if out_png.endswith(".png") else None
   plt.close(fig)
+
+
+def sweep_figure(rows, parameter: str, out_png: str, title: str = "") -> None:
+  """Final mean cumulative regret (95% interval) against the swept value, per population."""
+  fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=150)
+  populations = sorted({r["n_users"] for r in rows})
+  numeric = all(isinstance(r["value"], (int, float)) for r in rows)
+  for index, n_users in enumerate(populations):
+    sel = [r for r in rows if r["n_users"] == n_users]
+    xs = [r["value"] for r in sel] if numeric else list(range(len(sel)))
+    mean = np.array([r["final_mean"] for r in sel])
+    err = np.array([[r["final_mean"] - r["final_lower95"] for r in sel],
+                    [r["final_upper95"] - r["final_mean"] for r in sel]])
+    ax.errorbar(xs, mean, yerr=err, color=colour_for(n_users, index), marker="o", capsize=3,
+                label=f"U = {n_users} users")
+  if numeric and all(r["value"] > 0 for r in rows) and \
+      max(r["value"] for r in rows) / min(r["value"] for r in rows) > 20:
+    ax.set_xscale("log")
+  ax.set_xlabel(parameter)
+  ax.set_ylabel("final cumulative regret (reward units)")
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(title="mean, 95% interval", frameon=False)
+  fig.tight_layout()
+  fig.savefig(out_png)
+  if out_png.endswith(".png"):
+    fig.savefig(out_png[:-4] + ".pdf")
+  plt.close(fig)

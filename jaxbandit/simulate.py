@@ -284,9 +284,11 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
   """``jit(vmap_populations(vmap_seeds(run_rounds)))`` for chunks of ``n_rounds``.
 
   The returned function maps ``(instances, params, keys, states)`` with
-  instances stacked on a leading population axis (P, ...), keys (S,) shared by
-  every population, and states (P, S, ...) to ``(states, records)`` with
-  records (P, S, n_rounds). ``states`` is donated.
+  instances stacked on a leading population axis (P, ...) (a "population"
+  lane may be a population size or a sweep grid point), params whose leaves
+  are scalars (shared) or (P,) arrays (one value per lane), keys (S,) shared
+  by every lane, and states (P, S, ...) to ``(states, records)`` with records
+  (P, S, n_rounds). ``states`` is donated.
 
   With ``n_devices > 1`` the seed axis is split over the first ``n_devices``
   local devices with ``jax.shard_map`` (each device runs its seeds; nothing
@@ -302,15 +304,15 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
 
   if resolve_batching(config) == "vmap":
     over_seeds = jax.vmap(one_seed, in_axes=(None, None, 0, 0))
-    over_populations = jax.vmap(over_seeds, in_axes=(0, None, None, 0))
+    over_populations = jax.vmap(over_seeds, in_axes=(0, 0, None, 0))
   else:  # "map": one after another, each loop and branch doing only its own work
 
     def over_seeds(instance, params, keys, states):
       return jax.lax.map(lambda ks: one_seed(instance, params, *ks), (keys, states))
 
     def over_populations(instances, params, keys, states):
-      return jax.lax.map(lambda ist: over_seeds(ist[0], params, keys, ist[1]),
-                         (instances, states))
+      return jax.lax.map(lambda ips: over_seeds(ips[0], ips[1], keys, ips[2]),
+                         (instances, params, states))
   if n_devices > 1:
     from jax.sharding import Mesh, PartitionSpec
 
@@ -321,7 +323,13 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
                   PartitionSpec(None, "seeds")),
         out_specs=(PartitionSpec(None, "seeds"), PartitionSpec(None, "seeds")),
         check_vma=False)  # per-seed loops start from constants; nothing is communicated
-  return jax.jit(over_populations, donate_argnums=(3,))
+  def lanes(instances, params, keys, states):
+    n_lanes = instances.contexts.shape[0]
+    params = jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n_lanes,)), params)
+    return over_populations(instances, params, keys, states)
+
+  return jax.jit(lanes, donate_argnums=(3,))
 
 
 def init_states(config: SimulationConfig, instances: Instance, n_seeds: int) -> SimState:
@@ -470,8 +478,12 @@ def simulate(instances: Instance, config: SimulationConfig,
   V.seed("first_seed", first_seed, n_seeds, "n_seeds")
   if params is None:
     params = SimulationParams.make()
-  else:  # params built directly bypass make()'s checks
-    SimulationParams.make(*(V.host_scalar(k, v) for k, v in params._asdict().items()))
+  else:  # params built directly bypass make()'s checks; (P,) arrays give one value per lane
+    n_lanes = instances.contexts.shape[0] if instances.contexts.ndim == 3 else 1
+    for values in zip(*(np.broadcast_to(np.asarray(v, np.float64), (n_lanes,))
+                        if np.ndim(v) <= 1 and np.size(v) in (1, n_lanes) else
+                        V.host_scalar(k, v) for k, v in params._asdict().items())):
+      SimulationParams.make(*(float(v) for v in values))
   chunk_size = config.horizon if chunk_size is None else V.int_in_range(
       "chunk_size", chunk_size, 1, config.horizon, f"horizon={config.horizon}")
   n_local = V.int_in_range("n_devices", n_devices, 1, jax.local_device_count(),
@@ -502,7 +514,9 @@ def simulate(instances: Instance, config: SimulationConfig,
   while done < config.horizon:
     n_rounds = min(chunk_size, config.horizon - done)
     if n_rounds not in kernels:
-      kernels[n_rounds] = make_chunk_kernel(config, n_rounds, n_local)
+      # One device: the two-argument call, so callers share the cached kernel.
+      kernels[n_rounds] = (make_chunk_kernel(config, n_rounds) if n_local == 1 else
+                           make_chunk_kernel(config, n_rounds, n_local))
     states, records = kernels[n_rounds](instances, params, keys, states)
     chunks.append(jax.device_get(records))
     done += n_rounds

@@ -1,5 +1,6 @@
 """Command line, TOML configs, checkpoints and resume after a real kill."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -152,3 +153,27 @@ def test_resume_with_a_different_config_is_refused(tiny_config_file, reference_r
   # A complete folder has nothing to resume.
   assert cli.main(["run", "--resume", ref_out]) == 2
   assert "already complete" in capsys.readouterr().err
+
+
+def test_sweep_compiles_once_and_matches_single_runs(tmp_path, tiny_config_file):
+  """A beta sweep is one compiled call whose lanes equal separate runs."""
+  from jaxbandit import experiment, simulate
+
+  config = config_io.load_config(tiny_config_file)
+  config = dataclasses.replace(config, horizon=12, chunk_size=None, populations=(2,))
+  simulate.make_chunk_kernel.cache_clear()
+  summary = experiment.run_sweep(config, "beta", [0.3, 3.0], str(tmp_path / "sweep"),
+                                 progress=False)
+  assert simulate.make_chunk_kernel.cache_info().misses == 1  # one kernel for the grid
+  records = summary["_records"]
+  for lane, beta in enumerate([0.3, 3.0]):
+    single = experiment.run_experiment(dataclasses.replace(config, beta=beta), None,
+                                       progress=False)["_records"]
+    np.testing.assert_array_equal(records.context[lane], single.context[0])
+    np.testing.assert_allclose(records.regret[lane], single.regret[0], atol=1e-6)
+  # The two temperatures change the trajectories (the sweep is not a no-op).
+  assert not np.array_equal(records.regret[0], records.regret[1])
+  rows = open(tmp_path / "sweep" / "sweep.csv").read().splitlines()
+  assert len(rows) == 3 and rows[0].startswith("value,n_users")
+  assert (tmp_path / "sweep" / "figure.png").stat().st_size > 1000
+  assert cli.main(["sweep", tiny_config_file, "--param", "horizon", "--values", "1,2"]) == 2
