@@ -61,14 +61,20 @@ MODEL_CLASSES = ("known_heads", "known_directions", "per_user_bilinear", "pooled
 
 
 class ChoiceData(NamedTuple):
-  """A fixed-size buffer of observed choices (rows with ``mask == False`` are ignored).
+  """Observed choices as weighted rows (rows of weight 0 are ignored).
+
+  Two layouts share this type. A *buffer* has one row per observation (the
+  row's ``mask`` is True once written). A *table* enumerates every possible
+  (context, user, slate, outcome) once and ``mask`` holds how many times each
+  was observed (float32 counts, exact up to 2^24 per row), so the ERM's cost
+  does not grow with the number of rounds.
 
   Attributes:
     contexts: (n,) int32 context index of each observation.
     users: (n,) int32 user index.
     slates: (n, slate_size) int32 action indices shown.
     outcomes: (n, n_ranked) int32 slate positions, best first.
-    mask: (n,) bool, True for observed rows.
+    mask: (n,) bool (buffer: observed rows) or float32 counts (table).
   """
 
   contexts: jax.Array
@@ -92,6 +98,45 @@ class ChoiceData(NamedTuple):
         self.outcomes.at[index].set(outcome),
         self.mask.at[index].set(True),
     )
+
+
+def table_size(n_contexts: int, n_users: int, n_actions: int, slate_size: int,
+               n_ranked: int) -> int:
+  """Rows of the table layout: contexts x users x ordered slates x partial rankings."""
+  rankings = int(np.prod([slate_size - k for k in range(n_ranked)]))
+  return n_contexts * n_users * n_actions**slate_size * rankings
+
+
+def _rankings(slate_size: int, n_ranked: int) -> np.ndarray:
+  """Every ordered choice of ``n_ranked`` distinct positions, (count, n_ranked)."""
+  import itertools
+
+  return np.asarray(list(itertools.permutations(range(slate_size), n_ranked)),
+                    np.int32).reshape(-1, n_ranked)
+
+
+def empty_table(n_contexts: int, n_users: int, n_actions: int, slate_size: int,
+                n_ranked: int) -> ChoiceData:
+  """The table layout with every count at zero (index columns are NumPy constants)."""
+  rankings = _rankings(slate_size, n_ranked)
+  grids = np.meshgrid(np.arange(n_contexts), np.arange(n_users),
+                      *([np.arange(n_actions)] * slate_size), np.arange(len(rankings)),
+                      indexing="ij")
+  flat = [g.reshape(-1).astype(np.int32) for g in grids]
+  slates = np.stack(flat[2:2 + slate_size], axis=1)
+  return ChoiceData(flat[0], flat[1], slates, rankings[flat[-1]],
+                    np.zeros(flat[0].shape, np.float32))
+
+
+def table_row(context, user, slate, outcome, n_users: int, n_actions: int, slate_size: int,
+              n_ranked: int) -> jax.Array:
+  """Row index of one observation in :func:`empty_table`'s enumeration."""
+  rankings = jnp.asarray(_rankings(slate_size, n_ranked))
+  ranking = jnp.argmax(jnp.all(rankings == outcome[None, :], axis=1)).astype(jnp.int32)
+  index = context * n_users + user
+  for k in range(slate_size):
+    index = index * n_actions + slate[k]
+  return index * rankings.shape[0] + ranking
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -212,7 +257,8 @@ def negative_log_likelihood(model: ModelClass, choice_model: ChoiceModel, params
   """Sum over observed rows of -log P(outcome) under ``params`` (no ridge)."""
   _, utilities = _data_utilities(model, params, data)
   loglik = jax.vmap(choice_model.log_likelihood)(utilities, data.outcomes)
-  return -jnp.sum(jnp.where(data.mask, loglik, 0.0))
+  weights = data.mask.astype(loglik.dtype)
+  return -jnp.sum(jnp.where(weights > 0, weights * loglik, 0.0))
 
 
 def _objective(model, choice_model, params, data, ridge):

@@ -64,6 +64,10 @@ class SimulationConfig:
       saves work only with 'map' batching (under vmap both branches run).
     rescore_budget: cells re-scored one by one before falling back to a full
       evaluation ('incremental' only).
+    data_layout: 'buffer' (one row per round: memory and ERM cost grow with the
+      horizon) or 'table' (one weighted row per possible (context, user,
+      slate, outcome): cost independent of the horizon; for small instances
+      and very long horizons, e.g. a million rounds).
   """
 
   horizon: int = 1000
@@ -78,6 +82,7 @@ class SimulationConfig:
   seed_batching: str = "auto"
   regret_evaluation: str = "incremental"
   rescore_budget: int = 512
+  data_layout: str = "buffer"
 
   def validate(self, n_actions: Optional[int] = None, min_support: Optional[int] = None):
     V.positive_int("horizon", self.horizon)
@@ -89,6 +94,7 @@ class SimulationConfig:
     V.one_of("seed_batching", self.seed_batching, ("auto", "vmap", "map"))
     V.one_of("regret_evaluation", self.regret_evaluation, ("full", "incremental"))
     V.positive_int("rescore_budget", self.rescore_budget)
+    V.one_of("data_layout", self.data_layout, ("buffer", "table"))
     V.boolean("record_kl", self.record_kl)
     if self.top_m is not None:
       V.positive_int("top_m", self.top_m)
@@ -187,8 +193,15 @@ def _components(config: SimulationConfig, instance: Instance):
 def init_state(config: SimulationConfig, instance: Instance) -> SimState:
   """The state before round 1 for one seed (estimate at the learner's ``init``)."""
   choice_model, learner, _ = _components(config, instance)
-  data = learners_lib.ChoiceData.empty(config.horizon, config.slate_size,
-                                       choice_model.outcome_size(config.slate_size))
+  n_ranked = choice_model.outcome_size(config.slate_size)
+  if config.data_layout == "table":
+    # Only the counts evolve; the index columns are constants rebuilt in run_rounds.
+    rows = learners_lib.table_size(instance.n_contexts, instance.n_users, instance.n_actions,
+                                   config.slate_size, n_ranked)
+    data = learners_lib.ChoiceData.empty(0, config.slate_size, n_ranked)._replace(
+        mask=jnp.zeros((rows,), jnp.float32))
+  else:
+    data = learners_lib.ChoiceData.empty(config.horizon, config.slate_size, n_ranked)
   cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users)
   return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache)
 
@@ -218,6 +231,11 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
   log_context = jnp.log(instance.context_weights)
   log_user = jnp.log(instance.user_weights)
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
+  n_ranked = choice_model.outcome_size(config.slate_size)
+  table = None
+  if config.data_layout == "table":
+    table = learners_lib.empty_table(instance.n_contexts, instance.n_users, instance.n_actions,
+                                     config.slate_size, n_ranked)
 
   def one_round(state: SimState, _):
     key_t = jax.random.fold_in(key, state.round)
@@ -255,8 +273,15 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     slate = policy(key_slate, cell_estimate, truth.log_reference[context],
                    policy_params)
     outcome = choice_model.sample(key_choice, truth.scores[context, user, slate])
-    data = state.data.write(state.round, context, user, slate, outcome)
-    fit = learner.fit(state.params, data, params.ridge)
+    if table is not None:
+      row = learners_lib.table_row(context, user, slate, outcome, instance.n_users,
+                                   instance.n_actions, config.slate_size, n_ranked)
+      counts = state.data.mask.at[row].add(1.0)
+      fit = learner.fit(state.params, table._replace(mask=counts), params.ridge)
+      data = state.data._replace(mask=counts)
+    else:
+      data = state.data.write(state.round, context, user, slate, outcome)
+      fit = learner.fit(state.params, data, params.ridge)
     record = RoundRecord(regret, realised, kl_regret, fit.iterations, fit.grad_norm,
                          fit.converged, context, user, rescored)
     if incremental:
@@ -491,6 +516,18 @@ def simulate(instances: Instance, config: SimulationConfig,
       if n_devices is not None else jax.local_device_count()
   if instances.contexts.ndim == 2:
     instances = jax.tree_util.tree_map(lambda x: x[None], instances)
+  if config.data_layout == "table":
+    n_ranked = choice_lib.get_choice_model(config.choice_model,
+                                           config.top_m).outcome_size(config.slate_size)
+    rows = learners_lib.table_size(instances.contexts.shape[-2], instances.heads.shape[-2],
+                                   n_actions, config.slate_size, n_ranked)
+    if rows > 2**20:
+      raise ValueError(f"data_layout='table' needs {rows:,} rows (contexts x users x "
+                       f"n_actions^slate_size x rankings); allowed: at most {2**20:,} "
+                       f"(use data_layout='buffer' for instances this large)")
+    if config.horizon >= 2**24:
+      raise ValueError(f"horizon={config.horizon} is not allowed with data_layout='table'; "
+                       f"allowed: horizon < 2^24 = {2**24} (float32 counts stay exact)")
   n_params = int(np.prod(init_state(config, jax.tree_util.tree_map(
       lambda x: x[0], instances)).params.shape))
   check_memory(config, instances, n_seeds, chunk_size, n_params)
