@@ -63,7 +63,7 @@ class ExperimentConfig:
   top_m: Optional[int] = None
   model_class: str = "known_heads"
   slate_policy: str = "current_reference"
-  erm_tol: float = 1e-9
+  erm_tol: float = 1e-12
   erm_max_iterations: int = 30
   record_kl: bool = False
   beta: float = 1.0

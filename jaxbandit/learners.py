@@ -335,7 +335,7 @@ class _SolverState(NamedTuple):
 
 
 def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
-            data: ChoiceData, ridge, *, tol: float = 1e-9, max_iterations: int = 30,
+            data: ChoiceData, ridge, *, tol: float = 1e-12, max_iterations: int = 30,
             max_chord_steps: int = 6, max_backtracks: int = 20) -> ERMResult:
   """Exact ERM: the minimiser of the penalised negative log-likelihood of all data.
 
@@ -465,7 +465,7 @@ def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
   return params if model.per_user else model.embedding @ params
 
 
-def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1e-9,
+def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1e-12,
                  max_iterations: int = 30) -> Learner:
   """Greedy exact-ERM learner over a convex :class:`ModelClass`."""
   V.positive_float("tol", tol)

@@ -76,7 +76,7 @@ class SimulationConfig:
   top_m: Optional[int] = None
   model_class: str = "known_heads"
   slate_policy: str = "current_reference"
-  erm_tol: float = 1e-9
+  erm_tol: float = 1e-12
   erm_max_iterations: int = 30
   record_kl: bool = False
   seed_batching: str = "auto"
@@ -528,8 +528,11 @@ def simulate(instances: Instance, config: SimulationConfig,
     if config.horizon >= 2**24:
       raise ValueError(f"horizon={config.horizon} is not allowed with data_layout='table'; "
                        f"allowed: horizon < 2^24 = {2**24} (float32 counts stay exact)")
-  n_params = int(np.prod(init_state(config, jax.tree_util.tree_map(
-      lambda x: x[0], instances)).params.shape))
+  dim, latent_dim = instances.contexts.shape[-1], instances.maps.shape[-3]
+  n_users = instances.heads.shape[-2]
+  n_params = {"known_heads": latent_dim * dim * dim, "pooled": dim * dim,
+              "known_directions": n_users * latent_dim,
+              "per_user_bilinear": n_users * dim * dim}[config.model_class]
   check_memory(config, instances, n_seeds, chunk_size, n_params)
   n_processes, process = jax.process_count(), jax.process_index()
   n_local = min(n_local, max(1, -(-n_seeds // n_processes)))

@@ -63,3 +63,17 @@ def test_long_horizon_without_overflow(small_instance, horizon):
   eps0 = float(np.median(per_round[per_round > 0])) if np.any(per_round > 0) else 1.0
   counts = stats.bad_round_counts(records.regret[0], eps0)
   assert int(np.asarray(counts.counts)[0]) == sum(1 for v in per_round.tolist() if v >= eps0)
+
+
+def test_run_too_big_for_memory_is_refused_up_front(small_instance, monkeypatch):
+  """The estimate is compared with available memory before anything compiles."""
+  monkeypatch.setattr(sim, "available_memory_bytes", lambda: 64 * 2**20)  # pretend 64 MiB
+  config = sim.SimulationConfig(horizon=100_000)
+  with pytest.raises(ValueError, match=r"GiB.*allowed: at most about \d+ seeds") as err:
+    sim.simulate(small_instance, config, n_seeds=512)
+  # The estimate grows linearly in seeds and horizon (an independent count of the buffer).
+  small = sim.estimate_memory_bytes(config, 1, 1, 2, 3, 4, 1, 1000)
+  double = sim.estimate_memory_bytes(config, 1, 1, 2, 3, 4, 2, 1000)
+  row_bytes = 4 * (2 + 2 + 1) + 1  # context, user, 2 slate items, outcome (int32) + mask
+  assert double["state"] - small["state"] >= 2 * 100_000 * row_bytes
+  assert "512" in str(err.value)
