@@ -111,8 +111,22 @@ def _run(args) -> int:
         f"{config.n_seeds} seeds, {config.horizon} rounds -> {out}"
         f"{' (resuming)' if resume else ''}", flush=True)
   started = time.time()
+  from jaxbandit import science
+
+  if config.name in science.MULTI_RUN:  # several runs each: jaxbandit.science writes them
+    if resume:
+      raise ValueError(f"--resume is not supported for {config.name!r} (it is several runs); "
+                       f"allowed: run it again")
+    summary = science.run_named(config.name, out, config=config, progress=not args.quiet)
+    print(f"done in {time.time() - started:.1f}s")
+    science.print_table(summary)
+    print(f"wrote {out}/summary.json, curves.csv, figure.png, figure.pdf")
+    return 0
   try:
-    summary = experiment.run_experiment(config, out, progress=not args.quiet, resume=resume)
+    if config.name == "paper-users":  # adds growth verdicts and figure_publication.png/pdf
+      summary = science.paper_users(out, config=config, progress=not args.quiet, resume=resume)
+    else:
+      summary = experiment.run_experiment(config, out, progress=not args.quiet, resume=resume)
   except experiment.RunInterrupted as stop:
     print(f"jaxbandit: {stop}", file=sys.stderr)
     return 130

@@ -325,6 +325,7 @@ def summarize(config: ExperimentConfig, accepted, records: sim.RoundRecord,
         "erm_not_converged_rounds": int(np.sum(~records.erm_converged[p])),
         "erm_mean_iterations": float(np.mean(records.erm_iterations[p])),
         "erm_max_grad_norm": float(np.max(records.erm_grad_norm[p])),
+        "growth": growth_statistics(regret[p], eps0),
     })
     if config.record_kl:
       kl_cumulative = np.cumsum(records.kl_regret[p].astype(np.float64), axis=-1)[:, -1]
@@ -340,6 +341,24 @@ def summarize(config: ExperimentConfig, accepted, records: sim.RoundRecord,
                                 max(elapsed, 1e-9),
       "populations": populations,
   }
+
+
+def growth_statistics(per_round: np.ndarray, eps0: Optional[float] = None) -> dict:
+  """``stats.summarize_growth`` of one population's per-round regret (n_seeds, horizon).
+
+  The growth verdict (bounded / logarithmic / faster) with its evidence, as a
+  JSON-ready dict; ``{"verdict": None, "reason": ...}`` when the horizon is
+  too short for the fit window (fewer than 8 rounds).
+  """
+  from jaxbandit import stats
+
+  per_round = np.asarray(per_round, np.float64)
+  eps0 = float(eps0) if eps0 is not None and np.isfinite(eps0) and eps0 > 0 else None
+  try:
+    return stats.summarize_growth(np.cumsum(per_round, axis=-1), per_round, eps0,
+                                  n_bootstrap=1000, seed=0)
+  except ValueError as err:
+    return {"verdict": None, "conclusive": False, "reason": str(err)}
 
 
 def curves_table(config: ExperimentConfig, records: sim.RoundRecord):

@@ -23,6 +23,47 @@ PRESETS = {
         ExperimentConfig(name="smoke", populations=(2, 5), n_contexts=5, n_actions=6, dim=3,
                          latent_dim=4, problem_seed=0, min_gap=0.0, horizon=60, n_seeds=4),
     ),
+    # The science issue's experiments (docs/experiments.md). Each needs several runs, so
+    # `jaxbandit run --preset NAME` hands them to jaxbandit.science.run_named; the config
+    # here is the shared base (instance, feedback, horizon, seeds) of those runs. The
+    # instances are smaller than paper size so that each finishes in minutes on 2 CPU
+    # cores with a horizon long enough for the growth statistics (docs/experiments.md).
+    "diversity-rank": (
+        "science: heads of rank r in {1,2,5,8,10} (J=10), current+reference and on-policy "
+        "top-2 slates, known-heads ERM; growth verdicts and diversity diagnostics per rank",
+        ExperimentConfig(name="diversity-rank", populations=(10,), n_contexts=5, n_actions=10,
+                         dim=3, latent_dim=10, reward_scale=3.0, problem_seed=1000,
+                         min_gap=0.05, horizon=600, n_seeds=12,
+                         slate_policy="current_reference", choice_model="bradley_terry",
+                         model_class="known_heads", beta=1.0, ridge=1.0),
+    ),
+    "offline-sample-complexity": (
+        "science: P(G(R_hat_n) > 0) and E G(R_hat_n) after n i.i.d. reference slates, "
+        "diverse vs rank-deficient heads, exponential decay rate with a bootstrap interval",
+        ExperimentConfig(name="offline-sample-complexity", populations=(5,), n_contexts=4,
+                         n_actions=8, dim=2, latent_dim=4, reward_scale=3.0,
+                         problem_seed=1000, min_gap=0.2, horizon=2500, n_seeds=32,
+                         slate_policy="reference", choice_model="bradley_terry",
+                         model_class="known_heads", beta=1.0, ridge=1.0),
+    ),
+    "temperature-zero-vs-kl": (
+        "science: cumulative temperature-zero regret vs KL-regularised regret of the "
+        "training policy on the same runs, beta in {0.1, 1} (one compile)",
+        ExperimentConfig(name="temperature-zero-vs-kl", populations=(5,), n_contexts=4,
+                         n_actions=8, dim=2, latent_dim=4, reward_scale=3.0,
+                         problem_seed=1000, min_gap=0.2, horizon=1500, n_seeds=16,
+                         slate_policy="current_reference", choice_model="bradley_terry",
+                         model_class="known_heads", record_kl=True, beta=1.0, ridge=1.0),
+    ),
+    "personalized-vs-pooled": (
+        "science: known-heads, per-user bilinear and pooled exact ERM on one instance "
+        "(current+reference slates), curves and growth verdicts side by side",
+        ExperimentConfig(name="personalized-vs-pooled", populations=(5,), n_contexts=4,
+                         n_actions=8, dim=2, latent_dim=4, reward_scale=3.0,
+                         problem_seed=1000, min_gap=0.2, horizon=1500, n_seeds=16,
+                         slate_policy="current_reference", choice_model="bradley_terry",
+                         model_class="known_heads", beta=1.0, ridge=1.0),
+    ),
 }
 
 

@@ -21,6 +21,9 @@ personalized-vs-pooled       known-heads, per-user bilinear and pooled learners
                              on one instance
 ===========================  ==================================================
 
+:func:`sensitivity` re-runs the known-heads result with one choice (reward
+scale, min_gap, beta, ridge, horizon) moved at a time.
+
 Every growth verdict comes from :func:`jaxbandit.stats.summarize_growth`
 (seed-bootstrap intervals); the reading of each figure is in
 ``docs/experiments.md``. Every run's base config is a preset in
@@ -124,6 +127,32 @@ def growth_summary(per_round: np.ndarray, eps0: Optional[float] = None) -> dict:
     return {"verdict": None, "conclusive": False, "reason": str(err)}
 
 
+def plateau_evidence(per_round: np.ndarray, tail_fraction: float = 0.2) -> dict:
+  """Direct evidence of a plateau: rounds with exactly zero temperature-zero regret.
+
+  G(R) is either 0 or at least eps_iso, so a seed whose regret is exactly 0
+  over the whole tail has (for now) stopped accruing regret. Complements the
+  growth verdict, whose fit window starts at T/2 and can still contain a
+  seed's last bad rounds.
+
+  Returns:
+    ``seeds_zero_in_tail`` (fraction of seeds with G = 0 over the last
+    ``tail_fraction`` of rounds), ``zero_rounds_in_tail`` (fraction of tail
+    (seed, round) pairs with G = 0), ``last_positive_round`` (mean and max over
+    seeds of the last round with G > 0; 0 when never positive).
+  """
+  per_round = np.asarray(per_round, np.float64)
+  n_tail = max(1, math.ceil(tail_fraction * per_round.shape[-1] - 1e-9))
+  tail = per_round[:, -n_tail:]
+  positive = per_round > 0
+  last = np.where(positive.any(axis=1),
+                  per_round.shape[1] - np.argmax(positive[:, ::-1], axis=1), 0)
+  return {"tail_rounds": int(n_tail),
+          "seeds_zero_in_tail": float(np.mean(np.all(tail == 0, axis=1))),
+          "zero_rounds_in_tail": float(np.mean(tail == 0)),
+          "last_positive_round": {"mean": float(last.mean()), "max": int(last.max())}}
+
+
 def verdict_label(growth: dict) -> str:
   """Short legend text: ``"bounded"``, ``"logarithmic?"`` (inconclusive), ..."""
   verdict = growth.get("verdict")
@@ -219,7 +248,7 @@ def _curve_entry(label: str, per_round: np.ndarray, eps0: Optional[float] = None
            "final_cumulative_regret": {"mean": float(mean[-1]), "lower95": float(lower[-1]),
                                        "upper95": float(upper[-1])},
            "verdict": growth.get("verdict"), "conclusive": growth.get("conclusive"),
-           "growth": growth}
+           "growth": growth, "plateau": plateau_evidence(per_round)}
   key_values = [str(v) for v in keys.values()]
   rows = [[label, *key_values, str(t + 1), f"{mean[t]:.9g}", f"{lower[t]:.9g}",
            f"{upper[t]:.9g}"] for t in range(cumulative.shape[1])]
@@ -249,14 +278,33 @@ def _save(fig, out_png: str) -> None:
     fig.savefig(out_png[:-4] + ".pdf")
 
 
-def _plot_curve(ax, per_round_or_cumulative, colour, label, linestyle="-", cumulative=False):
-  data = np.asarray(per_round_or_cumulative, np.float64)
-  if not cumulative:
-    data = np.cumsum(data, axis=-1)
-  mean, lower, upper = _band(data)
-  rounds = np.arange(1, data.shape[-1] + 1)
+def _plot_curve(ax, band, colour, label, linestyle="-"):
+  """Plots one (rounds, mean, lower, upper) band of cumulative regret."""
+  rounds, mean, lower, upper = band
   ax.plot(rounds, mean, color=colour, lw=1.6, ls=linestyle, label=label)
   ax.fill_between(rounds, lower, upper, color=colour, alpha=0.2, lw=0)
+
+
+def read_bands(curves_csv: str) -> dict:
+  """A science ``curves.csv`` -> ``{curve label: (rounds, mean, lower, upper)}``."""
+  import csv
+  from collections import defaultdict
+
+  columns = defaultdict(lambda: ([], [], [], []))
+  with open(curves_csv, newline="") as handle:
+    for row in csv.DictReader(handle):
+      entry = columns[row["curve"]]
+      for slot, key in enumerate(("round", "mean", "lower", "upper")):
+        entry[slot].append(float(row[key]))
+  return {k: tuple(np.asarray(v) for v in vals) for k, vals in columns.items()}
+
+
+def _bands(per_round: dict) -> dict:
+  out = {}
+  for label, data in per_round.items():
+    cumulative = np.cumsum(np.asarray(data, np.float64), axis=-1)
+    out[label] = (np.arange(1, cumulative.shape[-1] + 1), *_band(cumulative))
+  return out
 
 
 def _header(name: str, config, started: float) -> dict:
@@ -390,7 +438,7 @@ def diversity_rank(out_dir: Optional[str] = None, scale: str = "default",
         lane += 1
   summary = {**_header("diversity-rank", config, started), "head_ranks": ranks,
              "slate_policies": list(slate_policies), "curves": entries,
-             "_per_round": per_round}
+             "_per_round": per_round, "_bands": _bands(per_round)}
   if out_dir is not None:
     _write(out_dir, summary, ("slate_policy", "head_rank", "n_users"), rows,
            lambda png: diversity_rank_figure(summary, png))
@@ -410,7 +458,7 @@ def diversity_rank_figure(summary: dict, out_png: str) -> None:
     for index, rank in enumerate(ranks):
       for entry in (e for e in summary["curves"]
                     if e["slate_policy"] == policy and e["head_rank"] == rank):
-        _plot_curve(ax, summary["_per_round"][entry["curve"]], _COLOURS[index % 7],
+        _plot_curve(ax, summary["_bands"][entry["curve"]], _COLOURS[index % 7],
                     f"r = {rank}: {verdict_label(entry['growth'])}")
     ax.set_xscale("log")
     ax.set_title(f"slates: {policy}", fontsize=10)
@@ -515,7 +563,7 @@ def offline_sample_complexity(out_dir: Optional[str] = None, scale: str = "defau
       per_round[label] = regret[lane]
       lane += 1
   summary = {**_header("offline-sample-complexity", config, started), "grid": grid.tolist(),
-             "curves": entries, "offline_table": table, "_per_round": per_round}
+             "curves": entries, "offline_table": table, "_per_round": per_round, "_bands": _bands(per_round)}
   if out_dir is not None:
     _write(out_dir, summary, ("population", "head_rank", "n_users"), rows,
            lambda png: offline_figure(summary, png))
@@ -571,7 +619,7 @@ def offline_figure(summary: dict, out_png: str) -> None:
     axes[1].fill_between(n[positive], np.maximum(g_lo[positive], g[positive] * 1e-3),
                          g_hi[positive], color=colour, alpha=0.2, lw=0)
   axes[0].axhline(floor, color="grey", lw=0.6, ls=":")
-  axes[0].set_ylabel(f"P(G(R_hat_n) > 0)  (95% Clopper-Pearson; dotted: 1/(2S))")
+  axes[0].set_ylabel("P(G(R_hat_n) > 0), 95% Clopper-Pearson")
   axes[1].set_ylabel("mean G(R_hat_n) (95% t-interval)")
   for ax in axes:
     ax.set_yscale("log")
@@ -620,7 +668,7 @@ def temperature_zero_vs_kl(out_dir: Optional[str] = None, scale: str = "default"
         per_round[label] = data[lane].astype(np.float64)
       lane += 1
   summary = {**_header("temperature-zero-vs-kl", config, started), "betas": betas,
-             "curves": entries, "_per_round": per_round}
+             "curves": entries, "_per_round": per_round, "_bands": _bands(per_round)}
   if out_dir is not None:
     _write(out_dir, summary, ("beta", "metric", "n_users"), rows,
            lambda png: temperature_zero_vs_kl_figure(summary, png))
@@ -638,7 +686,7 @@ def temperature_zero_vs_kl_figure(summary: dict, out_png: str) -> None:
   for index, beta in enumerate(betas):
     for entry in (e for e in summary["curves"] if e["beta"] == beta):
       text = f"{names[entry['metric']]}: {verdict_label(entry['growth'])}"
-      data = summary["_per_round"][entry["curve"]]
+      data = summary["_bands"][entry["curve"]]
       _plot_curve(axes[index], data, _COLOURS[index], text, styles[entry["metric"]])
       _plot_curve(axes[-1], data, _COLOURS[index], f"beta={beta:g} {names[entry['metric']]}",
                   styles[entry["metric"]])
@@ -687,7 +735,7 @@ def personalized_vs_pooled(out_dir: Optional[str] = None, scale: str = "default"
       rows += curve_rows
       per_round[label] = regret
   summary = {**_header("personalized-vs-pooled", config, started),
-             "model_classes": list(model_classes), "curves": entries, "_per_round": per_round}
+             "model_classes": list(model_classes), "curves": entries, "_per_round": per_round, "_bands": _bands(per_round)}
   if out_dir is not None:
     _write(out_dir, summary, ("model_class", "n_users"), rows,
            lambda png: personalized_vs_pooled_figure(summary, png))
@@ -701,17 +749,119 @@ def personalized_vs_pooled_figure(summary: dict, out_png: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=150)
   for index, entry in enumerate(summary["curves"]):
     for ax in axes:
-      _plot_curve(ax, summary["_per_round"][entry["curve"]], _COLOURS[index % 7],
+      _plot_curve(ax, summary["_bands"][entry["curve"]], _COLOURS[index % 7],
                   f"{entry['curve']}: {verdict_label(entry['growth'])}")
   axes[1].set_xscale("log")
+  axes[1].set_yscale("log")
   axes[0].set_xlabel("round t")
   axes[1].set_xlabel("round t (log scale)")
   axes[0].set_ylabel("cumulative temperature-zero regret")
+  axes[1].set_ylabel("same, log-log (slope 1 = linear regret)")
   axes[0].legend(frameon=False, fontsize=8, title="learner: growth verdict", title_fontsize=8)
   for ax in axes:
     ax.grid(alpha=0.3)
   fig.suptitle(f"personalized vs pooled exact ERM ({summary['config']['slate_policy']} slates, "
                f"{summary['config']['n_seeds']} seeds)", fontsize=10)
+  fig.tight_layout()
+  _save(fig, out_png)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Sensitivity of the headline result (docs/experiments.md)
+# ---------------------------------------------------------------------------
+
+SENSITIVITY_GRID = {
+    "reward_scale": (1.0, 3.0, 10.0),
+    "min_gap": (0.0, 0.05, 0.2),
+    "beta": (0.1, 1.0, 10.0),
+    "ridge": (0.1, 1.0, 10.0),
+}
+
+
+def sensitivity(out_dir: Optional[str] = None, scale: str = "default",
+                overrides: Optional[dict] = None, *, config=None,
+                grid: Optional[dict] = None, horizons: Sequence[float] = (0.25, 0.5, 1.0),
+                progress: bool = False) -> dict:
+  """Growth verdict and regret of the known-heads learner as one choice moves at a time.
+
+  Base: the ``personalized-vs-pooled`` preset (known heads, current+reference
+  slates) with ``horizon=600, n_seeds=8`` at the default scale. One compiled
+  sweep per parameter in ``grid`` (default :data:`SENSITIVITY_GRID`); the
+  horizon is varied by classifying prefixes (fractions ``horizons``) of the
+  base run, which are exactly the runs with that horizon (a seed's draws do
+  not depend on the horizon). The ``reward_scale`` sweep rescales the base's
+  accepted instance (its problem seed with ``min_gap=0``); a ``min_gap`` value
+  selects a different accepted instance, so its rows compare instances too.
+  """
+  started = time.time()
+  if config is None:
+    config = base_config("personalized-vs-pooled", scale,
+                         {"horizon": 600, "n_seeds": 8, **(overrides or {})}
+                         if scale == "default" else overrides)
+  config = dataclasses.replace(config, name="sensitivity", model_class="known_heads").validate()
+  grid = dict(SENSITIVITY_GRID if grid is None else grid)
+  entries, rows, per_round = [], [], {}
+  base_regret = None
+  base_seed = experiment.build_instances(config)[0].seed
+  for parameter, values in grid.items():
+    cfg = config
+    if parameter == "reward_scale":  # the same accepted instance, rescaled
+      cfg = dataclasses.replace(config, problem_seed=base_seed, min_gap=0.0)
+    sweep = experiment.run_sweep(cfg, parameter, list(values), progress=progress)
+    for lane, lane_row in enumerate(sweep["lanes"]):
+      regret = sweep["_records"].regret[lane].astype(np.float64)
+      label = f"{parameter}={lane_row['value']:g}/U={lane_row['n_users']}"
+      entry, curve_rows = _curve_entry(label, regret, None, parameter=parameter,
+                                       value=lane_row["value"], n_users=lane_row["n_users"])
+      entry.update(accepted_seed=int(lane_row["accepted_seed"]), min_gap=lane_row["min_gap"],
+                   tail_mean=lane_row["tail_mean"], horizon=config.horizon)
+      entries.append(entry)
+      rows += curve_rows
+      per_round[label] = regret
+      if parameter == "ridge" and lane_row["value"] == config.ridge and base_regret is None:
+        base_regret = regret
+  if base_regret is not None:
+    for fraction in horizons:
+      horizon = max(8, int(round(fraction * config.horizon)))
+      regret = base_regret[:, :horizon]
+      label = f"horizon={horizon}"
+      growth = growth_summary(regret)
+      entries.append({"curve": label, "parameter": "horizon", "value": horizon,
+                      "horizon": horizon, "verdict": growth.get("verdict"),
+                      "conclusive": growth.get("conclusive"), "growth": growth,
+                      "final_cumulative_regret": {
+                          "mean": float(regret.sum(axis=1).mean())},
+                      "tail_mean": float(regret[:, -max(1, horizon // 5):].mean())})
+  summary = {**_header("sensitivity", config, started), "grid": {k: list(v) for k, v in
+                                                                 grid.items()},
+             "curves": entries, "_per_round": per_round, "_bands": _bands(per_round)}
+  if out_dir is not None:
+    _write(out_dir, summary, ("parameter", "value", "n_users"), rows,
+           lambda png: sensitivity_figure(summary, png))
+  return summary
+
+
+def sensitivity_figure(summary: dict, out_png: str) -> None:
+  """One log-x panel per swept parameter, one curve per value, verdicts in the legend."""
+  import matplotlib.pyplot as plt
+
+  parameters = list(summary["grid"])
+  fig, axes = plt.subplots(1, len(parameters), figsize=(3.6 * len(parameters), 3.6), dpi=150,
+                           squeeze=False)
+  for ax, parameter in zip(axes[0], parameters):
+    sel = [e for e in summary["curves"] if e.get("parameter") == parameter
+           and e["curve"] in summary["_bands"]]
+    for index, entry in enumerate(sel):
+      _plot_curve(ax, summary["_bands"][entry["curve"]], _COLOURS[index % 7],
+                  f"{entry['value']:g}: {verdict_label(entry['growth'])}")
+    ax.set_xscale("log")
+    ax.set_title(parameter, fontsize=10)
+    ax.set_xlabel("round t (log scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=7)
+  axes[0][0].set_ylabel("cumulative temperature-zero regret")
+  fig.suptitle("sensitivity of the known-heads result (one parameter at a time)", fontsize=10)
   fig.tight_layout()
   _save(fig, out_png)
   plt.close(fig)
@@ -739,6 +889,33 @@ def run_named(name: str, out_dir: Optional[str] = None, overrides: Optional[dict
   """Runs experiment ``name`` at ``scale`` (or on ``config``) and writes ``out_dir``."""
   V.one_of("experiment", name, sorted(EXPERIMENTS))
   return EXPERIMENTS[name](out_dir, scale, overrides, config=config, progress=progress)
+
+
+FIGURES = {
+    "diversity-rank": lambda summary, png: diversity_rank_figure(summary, png),
+    "offline-sample-complexity": lambda summary, png: offline_figure(summary, png),
+    "temperature-zero-vs-kl": lambda summary, png: temperature_zero_vs_kl_figure(summary, png),
+    "personalized-vs-pooled": lambda summary, png: personalized_vs_pooled_figure(summary, png),
+    "sensitivity": lambda summary, png: sensitivity_figure(summary, png),
+}
+
+
+def redraw(out_dir: str) -> str:
+  """Re-draws ``figure.png/pdf`` of a science results folder from its summary.json and
+  curves.csv alone (for paper-users, ``figure_publication.png/pdf``). Returns the path."""
+  with open(os.path.join(out_dir, "summary.json")) as handle:
+    summary = json.load(handle)
+  name = summary["experiment"] if "curves" in summary else "paper-users"
+  if name == "paper-users":
+    png = os.path.join(out_dir, "figure_publication.png")
+    publication_figure(os.path.join(out_dir, "curves.csv"), summary, png,
+                       title=f"{summary['experiment']}: greedy exact ERM, "
+                             f"{summary['config']['n_seeds']} seeds")
+    return png
+  summary["_bands"] = read_bands(os.path.join(out_dir, "curves.csv"))
+  png = os.path.join(out_dir, "figure.png")
+  FIGURES[name](summary, png)
+  return png
 
 
 def print_table(summary: dict) -> None:
