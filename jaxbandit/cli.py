@@ -1,4 +1,4 @@
-"""Command line: ``jaxbandit run | sweep | presets | plot``."""
+"""Command line: ``jaxbandit run | sweep | presets | plot | bench``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ sweepable: beta, ridge, mixture_weight, reward_scale, head_rank, min_gap, proble
   sweep.add_argument("--horizon", type=int, default=None, help="rounds per seed")
   sweep.add_argument("--chunk-size", type=int, default=None, help="rounds per compiled call")
   sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+  bench = sub.add_parser(
+      "bench", help="the benchmark table (runs benchmarks/run.py of a source checkout)",
+      epilog="""examples:
+  jaxbandit bench --quick          # about 2 minutes: compile, run, seed-rounds/s, GFLOP/s,
+                                   # memory, speedup over the NumPy reference
+  jaxbandit bench --scaling        # time against horizon and seeds, with a figure
+  jaxbandit bench -- --help        # every option of benchmarks/run.py""",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                     help="options passed to benchmarks/run.py")
   sub.add_parser("presets", help="list the presets with a one-line description",
                  epilog="example:\n  jaxbandit presets",
                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +176,24 @@ def _sweep(args) -> int:
   return 0
 
 
+def _bench(args) -> int:
+  import runpy
+  from pathlib import Path
+
+  script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+  if not script.exists():
+    raise ValueError(f"benchmarks/run.py not found next to the package ({script}); allowed: "
+                     f"an editable install of a source checkout (pip install -e .)")
+  forwarded = [a for a in args.bench_args if a != "--"]
+  saved = sys.argv
+  sys.argv = [str(script)] + forwarded
+  try:
+    runpy.run_path(str(script), run_name="__main__")
+  finally:
+    sys.argv = saved
+  return 0
+
+
 def _presets(args) -> int:
   del args
   from jaxbandit.presets import PRESETS
@@ -198,6 +226,8 @@ def main(argv=None) -> int:
       return _plot(args)
     if args.command == "sweep":
       return _sweep(args)
+    if args.command == "bench":
+      return _bench(args)
     return _presets(args)
   except ValueError as err:
     print(f"jaxbandit: error: {err}", file=sys.stderr)

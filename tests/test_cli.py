@@ -177,3 +177,10 @@ def test_sweep_compiles_once_and_matches_single_runs(tmp_path, tiny_config_file)
   assert len(rows) == 3 and rows[0].startswith("value,n_users")
   assert (tmp_path / "sweep" / "figure.png").stat().st_size > 1000
   assert cli.main(["sweep", tiny_config_file, "--param", "horizon", "--values", "1,2"]) == 2
+
+
+def test_bench_forwards_to_the_benchmark_script(capsys):
+  with pytest.raises(SystemExit) as stop:
+    cli.main(["bench", "--", "--help"])
+  assert stop.value.code == 0
+  assert "--quick" in capsys.readouterr().out
