@@ -9,7 +9,7 @@ fits the seed-mean curve), P(G > 0) and its Clopper-Pearson interval against
 scipy's exact binomial interval. Tolerances: 1e-7 relative for values read
 back from 9-significant-digit csv text, 1e-6 for refitted slopes.
 
-One notebook runs in the default test run; the others are marked ``slow``.
+Every notebook runs in the default test run (so CI executes them), at tiny size.
 """
 
 from __future__ import annotations
@@ -257,7 +257,6 @@ def test_fast_notebook_executes(tmp_path, monkeypatch):
   _execute(FAST_NOTEBOOK, tmp_path, monkeypatch)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("notebook", [n for n in NOTEBOOKS if n != FAST_NOTEBOOK])
 def test_notebook_executes(notebook, tmp_path, monkeypatch):
   _execute(notebook, tmp_path, monkeypatch)
