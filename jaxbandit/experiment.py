@@ -44,6 +44,15 @@ class ExperimentConfig:
     master_seed: base of every seed key.
     chunk_size: rounds per compiled call (None: whole horizon).
     eps0: threshold of the bad-round count N_eps0 (None: eps_iso of each instance).
+    first_seed: seed ids are first_seed .. first_seed + n_seeds - 1.
+    seed_batching, regret_evaluation, rescore_budget, data_layout,
+      erm_block_size: see :class:`simulate.SimulationConfig`.
+    instance_file: a ``.npz`` holding a user-supplied instance (arrays
+      ``contexts``, ``actions``, ``maps``, ``heads`` and optionally
+      ``reward_scale``, ``context_weights``, ``user_weights``,
+      ``reference_policy``; see :func:`instance.from_arrays`). It replaces the
+      generated instances: ``populations`` must then be the heads' row count,
+      and min-gap acceptance only checks the file's instance.
   """
 
   name: str = "custom"
@@ -73,13 +82,22 @@ class ExperimentConfig:
   master_seed: int = 0
   chunk_size: Optional[int] = None
   eps0: Optional[float] = None
+  first_seed: int = 0
+  seed_batching: str = "auto"
+  regret_evaluation: str = "incremental"
+  rescore_budget: int = 512
+  data_layout: str = "buffer"
+  erm_block_size: int = 256
+  instance_file: Optional[str] = None
 
   def simulation_config(self) -> sim.SimulationConfig:
     return sim.SimulationConfig(
         horizon=self.horizon, slate_size=self.slate_size, choice_model=self.choice_model,
         top_m=self.top_m, model_class=self.model_class, slate_policy=self.slate_policy,
         erm_tol=self.erm_tol, erm_max_iterations=self.erm_max_iterations,
-        record_kl=self.record_kl)
+        record_kl=self.record_kl, seed_batching=self.seed_batching,
+        regret_evaluation=self.regret_evaluation, rescore_budget=self.rescore_budget,
+        data_layout=self.data_layout, erm_block_size=self.erm_block_size)
 
   def validate(self) -> "ExperimentConfig":
     """Checks every field on the host, before anything compiles."""
@@ -92,6 +110,10 @@ class ExperimentConfig:
       V.positive_int(name, getattr(self, name))
     V.seed("problem_seed", self.problem_seed, self.max_tries, "max_tries")
     V.seed("master_seed", self.master_seed)
+    V.seed("first_seed", self.first_seed, self.n_seeds, "n_seeds")
+    if self.instance_file is not None and not isinstance(self.instance_file, str):
+      raise ValueError(f"instance_file={self.instance_file!r} is not allowed; allowed: a path "
+                       f"to a .npz file")
     V.positive_float("reward_scale", self.reward_scale)
     V.non_negative_float("min_gap", self.min_gap)
     if self.head_rank is not None:
@@ -114,6 +136,8 @@ class ExperimentConfig:
 
 def build_instances(config: ExperimentConfig):
   """One accepted instance per population size, all from ``config.problem_seed``."""
+  if config.instance_file is not None:
+    return [_instance_from_file(config)]
   heads = (instance_lib.low_rank_heads(config.head_rank) if config.head_rank is not None
            else instance_lib.gaussian_heads())
   accepted = []
@@ -124,6 +148,34 @@ def build_instances(config: ExperimentConfig):
         latent_dim=config.latent_dim, n_users=n_users, reward_scale=config.reward_scale,
         heads=heads))
   return accepted
+
+
+def _instance_from_file(config: ExperimentConfig):
+  try:
+    with np.load(config.instance_file) as data:
+      arrays = {key: data[key] for key in data.files}
+  except (OSError, ValueError) as err:
+    raise ValueError(f"instance_file={config.instance_file!r} could not be read ({err}); "
+                     f"allowed: a .npz written with numpy.savez") from None
+  allowed = {"contexts", "actions", "maps", "heads", "reward_scale", "context_weights",
+             "user_weights", "reference_policy"}
+  unknown = sorted(set(arrays) - allowed)
+  missing = sorted({"contexts", "actions", "maps", "heads"} - set(arrays))
+  if unknown or missing:
+    raise ValueError(f"instance_file={config.instance_file!r} has arrays {sorted(arrays)}; "
+                     f"allowed: contexts, actions, maps, heads (required) and reward_scale, "
+                     f"context_weights, user_weights, reference_policy")
+  if "reward_scale" in arrays:
+    arrays["reward_scale"] = float(arrays["reward_scale"])
+  inst = instance_lib.from_arrays(**arrays)
+  if tuple(config.populations) != (inst.n_users,):
+    raise ValueError(f"populations={list(config.populations)} does not match instance_file's "
+                     f"{inst.n_users} users; allowed: populations = [{inst.n_users}]")
+  gap = instance_lib.gap_summary(inst)
+  if gap.min_gap < config.min_gap:
+    raise ValueError(f"min_gap={config.min_gap} is not reached by instance_file (its Delta_min "
+                     f"is {gap.min_gap:.3g}); allowed: min_gap <= {gap.min_gap:.3g}")
+  return instance_lib.AcceptedInstance(inst, -1, 1, gap)
 
 
 def t_interval(samples: np.ndarray, level: float = 0.95, axis: int = 0):
@@ -226,7 +278,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Optional[str] = None, *,
 
   with stop:
     result = sim.simulate(stacked, sim_config, params, n_seeds=config.n_seeds,
-                          master_seed=config.master_seed, chunk_size=config.chunk_size,
+                          master_seed=config.master_seed, first_seed=config.first_seed,
+                          chunk_size=config.chunk_size,
                           callback=between_chunks, resume_from=resume_from)
   if result.rounds_done < config.horizon:
     raise RunInterrupted(f"stopped after round {result.rounds_done} of {config.horizon}; "
@@ -465,7 +518,8 @@ def run_sweep(config: ExperimentConfig, parameter: str, values, out_dir: Optiona
   reporter = _Progress(config, enabled=progress)
   reporter.per_round *= len(values)
   result = sim.simulate(stacked, config.simulation_config(), params, n_seeds=config.n_seeds,
-                        master_seed=config.master_seed, chunk_size=config.chunk_size,
+                        master_seed=config.master_seed, first_seed=config.first_seed,
+                        chunk_size=config.chunk_size,
                         callback=lambda p: reporter(p.rounds_done, p.horizon))
   elapsed = time.time() - started
   cumulative = np.cumsum(result.records.regret.astype(np.float64), axis=-1)

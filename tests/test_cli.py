@@ -184,3 +184,36 @@ def test_bench_forwards_to_the_benchmark_script(capsys):
     cli.main(["bench", "--", "--help"])
   assert stop.value.code == 0
   assert "--quick" in capsys.readouterr().out
+
+
+def test_toml_instance_file_and_simulation_options(tmp_path):
+  """Array-valued options reach the run through instance_file; scalar ones through keys."""
+  rng = np.random.default_rng(0)
+  arrays = {"contexts": rng.normal(size=(2, 2)), "actions": rng.normal(size=(2, 3, 2)),
+            "maps": rng.normal(size=(2, 2, 2)) / 2, "heads": np.eye(2),
+            "user_weights": np.array([0.25, 0.75]),
+            "reference_policy": np.array([0.5, 0.5, 0.0])}
+  np.savez(tmp_path / "inst.npz", **arrays)
+  (tmp_path / "c.toml").write_text(
+      f'preset = "smoke"\ninstance_file = "{tmp_path / "inst.npz"}"\npopulations = [2]\n'
+      'horizon = 12\nn_seeds = 2\nfirst_seed = 5\nregret_evaluation = "full"\n'
+      'data_layout = "table"\n')
+  config = config_io.load_config(str(tmp_path / "c.toml"))
+  assert config.simulation_config().data_layout == "table"
+  summary = experiment.run_experiment(config, str(tmp_path / "out"), progress=False,
+                                      make_figure=False)
+  records = summary["_records"]
+  assert records.regret.shape == (1, 2, 12)
+  assert set(np.unique(records.user)) <= {0, 1}
+  built = experiment.build_instances(config)[0].instance
+  np.testing.assert_allclose(built.user_weights, [0.25, 0.75])
+  np.testing.assert_allclose(built.reference_policy, [[0.5, 0.5, 0.0]] * 2)
+  assert summary["populations"][0]["n_users"] == 2
+  # first_seed shifts the seed ids: seeds 5 and 6 differ from seeds 0 and 1.
+  shifted = dataclasses.replace(config, first_seed=0)
+  other = experiment.run_experiment(shifted, None, progress=False)["_records"]
+  assert not np.array_equal(other.context, records.context)
+  (tmp_path / "bad.toml").write_text(f'instance_file = "{tmp_path / "inst.npz"}"\n'
+                                     'populations = [3]\n')
+  with pytest.raises(ValueError, match="populations"):
+    experiment.build_instances(config_io.load_config(str(tmp_path / "bad.toml")))
