@@ -267,20 +267,17 @@ def _objective(model, choice_model, params, data, ridge):
 
 
 def _per_user_gradient(model, choice_model, params, data):
+  """Per-user gradient statistics G_i of the current iterate, (U, q)."""
   features, utilities = _data_utilities(model, params, data)
   grad_u, _ = jax.vmap(choice_model.gradient_hessian)(utilities, data.outcomes)
   grad_u = grad_u * data.mask.astype(params.dtype)[:, None]
   per_datum = jnp.einsum("nkq,nk->nq", features, grad_u)
-  return features, utilities, jax.ops.segment_sum(per_datum, data.users,
-                                                  model.embedding.shape[0])  # (U, q)
+  return jax.ops.segment_sum(per_datum, data.users, model.embedding.shape[0])
 
 
 def _gradient(model, choice_model, params, data, ridge):
   """Gradient of the penalised objective, ``model.param_shape``."""
-  _, _, user_grad = _per_user_gradient(model, choice_model, params, data)
-  if model.per_user:
-    return user_grad + ridge * params
-  return model.embedding.T @ user_grad + ridge * params
+  return _assemble(model, params, ridge, _per_user_gradient(model, choice_model, params, data))
 
 
 def _user_statistics(model, choice_model, params, data):
@@ -427,7 +424,7 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
     def gradient(p):
       user_grad = _over_blocks(
           data, block_size, n_rows,
-          lambda rows: _per_user_gradient(model, choice_model, p, rows)[2], zero_grad)
+          lambda rows: _per_user_gradient(model, choice_model, p, rows), zero_grad)
       return _assemble(model, p, ridge, user_grad)
 
     def gradient_hessian(p):
