@@ -255,6 +255,19 @@ def support_mask(instance: Instance) -> jax.Array:
   return instance.reference_policy > 0
 
 
+def first_maximiser(masked: jax.Array):
+  """Largest value and its lowest index along the last axis: ((...), (...) int32).
+
+  Two max-reductions instead of ``jnp.argmax``: the same first maximiser, but
+  XLA's CPU argmax (a variadic reduce) is several times slower than max.
+  """
+  top = jnp.max(masked, axis=-1)
+  index = jnp.arange(masked.shape[-1], dtype=jnp.float32).reshape(
+      (1,) * (masked.ndim - 1) + (-1,))
+  first = -jnp.max(jnp.where(masked == top[..., None], -index, -jnp.inf), axis=-1)
+  return top, first.astype(jnp.int32)
+
+
 def greedy_actions(scores: jax.Array, support: jax.Array) -> jax.Array:
   """Greedy selector argmax over the support; ties go to the lowest action index.
 
@@ -265,14 +278,7 @@ def greedy_actions(scores: jax.Array, support: jax.Array) -> jax.Array:
   Returns:
     (..., n_contexts, n_users) int32 action indices.
   """
-  masked = jnp.where(support[:, None, :], scores, -jnp.inf)
-  # Two max-reductions instead of jnp.argmax: the same first maximiser, but
-  # XLA's CPU argmax (a variadic reduce) is several times slower than max.
-  top = jnp.max(masked, axis=-1, keepdims=True)
-  index = jnp.arange(masked.shape[-1], dtype=jnp.float32).reshape(
-      (1,) * (masked.ndim - 1) + (-1,))
-  first = -jnp.max(jnp.where(masked == top, -index, -jnp.inf), axis=-1)
-  return first.astype(jnp.int32)
+  return first_maximiser(jnp.where(support[:, None, :], scores, -jnp.inf))[1]
 
 
 def cell_weights(instance: Instance) -> jax.Array:

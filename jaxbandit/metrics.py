@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbandit.instance import greedy_actions
+from jaxbandit.instance import first_maximiser, greedy_actions
 
 
 class TruthTables(NamedTuple):
@@ -116,13 +116,10 @@ def empty_regret_cache(n_contexts: int, n_users: int) -> RegretCache:
 def _decide(scores, support, best_true, true_scores):
   """Greedy action, margin, regret for score rows (..., A) with support rows (..., A)."""
   masked = jnp.where(support, scores, -jnp.inf)
-  top = jnp.max(masked, axis=-1, keepdims=True)
-  index = jnp.arange(masked.shape[-1], dtype=jnp.float32).reshape(
+  top, chosen = first_maximiser(masked)
+  index = jnp.arange(masked.shape[-1], dtype=jnp.int32).reshape(
       (1,) * (masked.ndim - 1) + (-1,))
-  first = -jnp.max(jnp.where(masked == top, -index, -jnp.inf), axis=-1, keepdims=True)
-  second = jnp.max(jnp.where(index == first, -jnp.inf, masked), axis=-1)
-  top = top[..., 0]
-  chosen = first[..., 0].astype(jnp.int32)
+  second = jnp.max(jnp.where(index == chosen[..., None], -jnp.inf, masked), axis=-1)
   value = jnp.take_along_axis(true_scores, chosen[..., None], axis=-1)[..., 0]
   # Rounding allowance: two float32 evaluations of one score may differ by a few ulps.
   allowance = 1e-5 * (1.0 + jnp.abs(top))
