@@ -59,7 +59,8 @@ class SimulationConfig:
       cores) or 'auto' ('map' on CPU, 'vmap' elsewhere). Results agree to
       floating-point tolerance.
     regret_evaluation: 'full' re-scores every (context, user, action) each
-      round; 'incremental' keeps the same exact regret by re-scoring only cells
+      round (always so with ``record_kl``, which needs every score anyway);
+      'incremental' keeps the same exact regret by re-scoring only cells
       whose greedy action may have changed (see ``metrics.RegretCache``). It
       saves work only with 'map' batching (under vmap both branches run).
     rescore_budget: cells re-scored one by one before falling back to a full
@@ -265,7 +266,9 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     blocked_scores = None
     if resolve_batching(config) == "map" and learner.context_scores is not None:
       blocked_scores = lambda c: learner.context_scores(state.params, c)
-    incremental = (config.regret_evaluation == "incremental" and
+    # The KL regret needs every score anyway: then G is read off that same estimate.
+    estimate = learner.scores(state.params) if config.record_kl else None
+    incremental = (config.regret_evaluation == "incremental" and not config.record_kl and
                    learner.cells_scores is not None and learner.score_drift_bound is not None)
     if incremental:
       cache, rescored = metrics.update_regret_cache(
@@ -276,15 +279,16 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     else:
       cache = state.regret_cache
       rescored = jnp.asarray(truth.weights.size, jnp.int32)
-      if blocked_scores is not None:
+      if estimate is None and blocked_scores is not None:
         per_cell = metrics.refresh_all(truth, context_scores=blocked_scores).cell_regret
       else:
-        per_cell = metrics.cell_regret(truth, learner.scores(state.params))  # (C, U)
+        if estimate is None:
+          estimate = learner.scores(state.params)
+        per_cell = metrics.cell_regret(truth, estimate)  # (C, U)
     regret = jnp.sum(truth.weights * per_cell)
     realised = per_cell[context, user]
     if config.record_kl:
-      kl_regret = metrics.kl_regularized_regret(truth, learner.scores(state.params),
-                                                params.beta)
+      kl_regret = metrics.kl_regularized_regret(truth, estimate, params.beta)
     else:
       kl_regret = jnp.zeros((), regret.dtype)
     cell_estimate = learner.cell_scores(state.params, context, user)  # (A,)
