@@ -179,17 +179,17 @@ def _instance_from_file(config: ExperimentConfig):
 
 
 def t_interval(samples: np.ndarray, level: float = 0.95, axis: int = 0):
-  """Mean and Student-t interval across ``axis`` (half-width 0 for one sample)."""
-  from scipy import stats as scipy_stats
+  """Mean and Student-t interval across ``axis`` (:func:`stats.mean_confidence_band`).
 
-  samples = np.asarray(samples, np.float64)
-  n = samples.shape[axis]
-  mean = samples.mean(axis=axis)
-  if n < 2:
-    return mean, mean.copy(), mean.copy()
-  sem = samples.std(axis=axis, ddof=1) / np.sqrt(n)
-  half = scipy_stats.t.ppf(0.5 + level / 2, n - 1) * sem
-  return mean, mean - half, mean + half
+  Returns ``(mean, lower, upper)`` with ``axis`` removed (NumPy scalars for a
+  1-D input); with one sample the interval collapses to the mean.
+  """
+  from jaxbandit import stats
+
+  samples = np.moveaxis(np.asarray(samples, np.float64), axis, 0)
+  rest = samples.shape[1:]
+  band = stats.mean_confidence_band(samples.reshape(samples.shape[0], -1), level=level)
+  return tuple(np.asarray(x).reshape(rest)[()] for x in (band.mean, band.lower, band.upper))
 
 
 def environment_info() -> dict:
