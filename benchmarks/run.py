@@ -40,7 +40,8 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
     C contexts, A actions, U users, d features, q = d^2, m = J (latent dim),
     P = m q parameters, K = 2 slate size, n = data-buffer rows = horizon T.
 
-    regret (per round)  cells_scored * A * 2q   (+ 2 U m q for the user vectors)
+    regret (per round)  cells_scored * A * 2q   (+ 2 U m q for the user vectors);
+        a full evaluation with m < q scores latent-first: C A 2m (q + U)
         cells_scored = C*U for a full evaluation ('full', or 'incremental' when
         more than rescore_budget cells are dirty), rescore_budget when
         0 < dirty <= budget (the partial branch always scores `budget` rows),
@@ -118,6 +119,7 @@ class Case:
   horizon: int = 2000
   seed_batching: str = "auto"
   regret_evaluation: str = "incremental"
+  erm_hessian: str = "carried"
   reference_seeds: int = 1
 
   def instance_key(self):
@@ -154,7 +156,8 @@ def simulation_config(case: Case):
   preset = presets.get_preset("paper-users")
   base = preset.simulation_config()
   return dataclasses.replace(base, horizon=case.horizon, seed_batching=case.seed_batching,
-                             regret_evaluation=case.regret_evaluation), preset
+                             regret_evaluation=case.regret_evaluation,
+                             erm_hessian=case.erm_hessian), preset
 
 
 # ---------------------------------------------------------------------------
@@ -181,9 +184,35 @@ def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps):
   return gradient + hessians * newton + (iterations - hessians) * chord
 
 
-def regret_flops(cells_scored, n_actions, n_users, q, m):
-  """Analytic flops of scoring ``cells_scored`` (context, user) cells over every action."""
-  return np.asarray(cells_scored, np.float64) * n_actions * 2 * q + 2 * n_users * m * q
+def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations):
+  """Analytic flops of one refit with ``erm_hessian='carried'`` (a lower bound).
+
+  Per refit: the Woodbury update for the new observation (``K`` columns:
+  ``J P`` 2KP^2, the rank-K correction 2KP^2) and the gradient at the warm
+  start; per quasi-Newton step a gradient, the direction ``P g`` (2P^2) and
+  the BFGS update (``P y`` 2P^2, three outer products 6P^2). The occasional
+  refresh of the inverse (a Hessian, a Cholesky and an inverse) is not
+  recorded per round and not counted.
+  """
+  iterations = np.asarray(iterations, np.float64)
+  k, p = slate_size, m * q
+  gradient = n_buffer * (2 * m * q + 4 * k * q + q) + 2 * n_users * m * q
+  woodbury = 4.0 * k * p * p
+  step = gradient + 2.0 * p * p + 8.0 * p * p
+  return woodbury + gradient + iterations * step
+
+
+def regret_flops(cells_scored, n_contexts, n_actions, n_users, q, m):
+  """Analytic flops of scoring ``cells_scored`` (context, user) cells over every action.
+
+  A full evaluation (every cell) scores latent-first when m < q: per context
+  ``Theta F^T`` (2 m q A) then the users' embeddings (2 U m A).
+  """
+  cells = np.asarray(cells_scored, np.float64)
+  one_by_one = cells * n_actions * 2 * q + 2 * n_users * m * q
+  latent = n_contexts * n_actions * 2.0 * m * (q + n_users)
+  full = np.minimum(one_by_one, latent) if m < q else one_by_one
+  return np.where(cells >= n_contexts * n_users, full, one_by_one)
 
 
 def flops_per_seed_round(case: Case, records, config) -> dict:
@@ -199,14 +228,19 @@ def flops_per_seed_round(case: Case, records, config) -> dict:
   else:
     cells = np.where(rescored >= all_cells, all_cells,
                      np.where(rescored > 0, min(config.rescore_budget, all_cells), 0))
-  regret = regret_flops(cells, case.n_actions, case.n_users, q, m)
-  erm = erm_flops(case.horizon, case.n_users, q, m, config.slate_size,
-                  np.asarray(records.erm_iterations), max_chord)
+  regret = regret_flops(cells, case.n_contexts, case.n_actions, case.n_users, q, m)
+  if config.erm_hessian == "carried":
+    erm = carried_erm_flops(case.horizon, case.n_users, q, m, config.slate_size,
+                            np.asarray(records.erm_iterations))
+  else:
+    erm = erm_flops(case.horizon, case.n_users, q, m, config.slate_size,
+                    np.asarray(records.erm_iterations), max_chord)
   return {
       "regret_flops": float(regret.mean()),
       "erm_flops": float(erm.mean()),
       "total_flops": float(regret.mean() + erm.mean()),
-      "full_regret_flops": float(regret_flops(all_cells, case.n_actions, case.n_users, q, m)),
+      "full_regret_flops": float(regret_flops(all_cells, case.n_contexts, case.n_actions,
+                                              case.n_users, q, m)),
       "mean_erm_iterations": float(np.mean(records.erm_iterations)),
       "mean_rescored_cells": float(np.mean(rescored)),
       "full_evaluation_fraction": float(np.mean(rescored >= all_cells)),
@@ -525,6 +559,8 @@ def table_cases(args):
                        reference_seeds=args.reference_seeds)
   variants = [Case(f"{b}/{r}", seed_batching=b, regret_evaluation=r, **variant_sizes)
               for b in ("map", "vmap") for r in ("incremental", "full")]
+  variants.append(Case("map/incremental/fresh-hessian", seed_batching="map",
+                       erm_hessian="fresh", **variant_sizes))
   if (main.n_seeds, main.horizon) == (args.variant_seeds, args.variant_horizon):
     # One size (--quick): 'auto' is 'map' on CPU, so the main row is map/incremental.
     variants = [v for v in variants if (v.seed_batching, v.regret_evaluation) !=

@@ -46,7 +46,7 @@ class ExperimentConfig:
     eps0: threshold of the bad-round count N_eps0 (None: eps_iso of each instance).
     first_seed: seed ids are first_seed .. first_seed + n_seeds - 1.
     seed_batching, regret_evaluation, rescore_budget, data_layout,
-      erm_block_size: see :class:`simulate.SimulationConfig`.
+      erm_block_size, erm_hessian: see :class:`simulate.SimulationConfig`.
     instance_file: a ``.npz`` holding a user-supplied instance (arrays
       ``contexts``, ``actions``, ``maps``, ``heads`` and optionally
       ``reward_scale``, ``context_weights``, ``user_weights``,
@@ -88,6 +88,7 @@ class ExperimentConfig:
   rescore_budget: int = 512
   data_layout: str = "buffer"
   erm_block_size: int = 256
+  erm_hessian: str = "carried"
   instance_file: Optional[str] = None
 
   def simulation_config(self) -> sim.SimulationConfig:
@@ -97,7 +98,8 @@ class ExperimentConfig:
         erm_tol=self.erm_tol, erm_max_iterations=self.erm_max_iterations,
         record_kl=self.record_kl, seed_batching=self.seed_batching,
         regret_evaluation=self.regret_evaluation, rescore_budget=self.rescore_budget,
-        data_layout=self.data_layout, erm_block_size=self.erm_block_size)
+        data_layout=self.data_layout, erm_block_size=self.erm_block_size,
+        erm_hessian=self.erm_hessian)
 
   def validate(self) -> "ExperimentConfig":
     """Checks every field on the host, before anything compiles."""

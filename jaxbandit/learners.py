@@ -140,7 +140,8 @@ def table_row(context, user, slate, outcome, n_users: int, n_actions: int, slate
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["embedding", "features"], meta_fields=["per_user", "name"])
+                   data_fields=["embedding", "features", "outer_factors"],
+                   meta_fields=["per_user", "name"])
 @dataclasses.dataclass(frozen=True)
 class ModelClass:
   """A linear-in-parameters model class (a pytree; ``per_user`` and ``name`` are static).
@@ -151,12 +152,16 @@ class ModelClass:
     features: (n_contexts, n_actions, q) known features f(x, a).
     per_user: whether Theta has one row per user (one-hot embeddings).
     name: the class name.
+    outer_factors: for outer-product features ``f(x, a) = x (outer) a``, the
+      factors ``(contexts (C, d), actions (C, A, d))``; None otherwise. They
+      give a tighter bound on how far scores move (``make_learner``).
   """
 
   embedding: jax.Array
   features: jax.Array
   per_user: bool
   name: str
+  outer_factors: Optional[tuple] = None
 
   @property
   def param_shape(self):
@@ -174,15 +179,16 @@ def make_model_class(name: str, instance: Instance) -> ModelClass:
   """Builds the model class ``name`` (one of ``MODEL_CLASSES``) for an instance."""
   V.one_of("model_class", name, MODEL_CLASSES)
   n_users = instance.n_users
+  factors = (instance.contexts, instance.actions)
   if name == "known_heads":
-    return ModelClass(instance.heads, _outer_features(instance), False, name)
+    return ModelClass(instance.heads, _outer_features(instance), False, name, factors)
   if name == "pooled":
     return ModelClass(jnp.ones((n_users, 1), jnp.float32), _outer_features(instance), False,
-                      name)
+                      name, factors)
   placeholder = jnp.zeros((n_users, 0), jnp.float32)
   if name == "known_directions":
     return ModelClass(placeholder, latent_features(instance), True, name)
-  return ModelClass(placeholder, _outer_features(instance), True, name)
+  return ModelClass(placeholder, _outer_features(instance), True, name, factors)
 
 
 def true_parameters(model: ModelClass, instance: Instance) -> jax.Array:
@@ -365,73 +371,50 @@ class _SolverState(NamedTuple):
   stalled: jax.Array
 
 
-def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
-            data: ChoiceData, ridge, *, tol: float = 1e-12, max_iterations: int = 30,
-            max_chord_steps: int = 6, max_backtracks: int = 20,
-            block_size: Optional[int] = None, n_rows=None) -> ERMResult:
-  """Exact ERM: the minimiser of the penalised negative log-likelihood of all data.
+def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, dtype):
+  """``(objective, gradient, gradient_hessian)`` of the penalised loss over ``data``.
 
-  Each outer iteration evaluates the Hessian at the current iterate, takes a
-  Newton step (Armijo backtracking outside the quadratic region), then, while
-  inside the quadratic region, reuses that Hessian's Cholesky factor for up to
-  ``max_chord_steps`` further steps that need only a gradient each (chord
-  Newton: linear convergence at a rate set by how much the Hessian moved,
-  which is tiny for a warm start). The loop structure is static, so under
-  ``vmap`` the seeds share each Hessian evaluation instead of paying for it on
-  every step.
-
-  Args:
-    model: the :class:`ModelClass`.
-    choice_model: the feedback model whose likelihood is maximised.
-    params_init: warm start, shape ``model.param_shape``.
-    data: the :class:`ChoiceData` buffer (masked rows ignored).
-    ridge: () traced penalty ``ridge/2 ||Theta||^2`` (>= 0).
-    tol: stop when decrement^2 / 2 <= tol * max(1, number of observed rows),
-      the decrement measured with the latest Hessian factor.
-    max_iterations: budget of steps (Newton and chord together; static).
-    max_chord_steps: chord steps per Hessian evaluation (static).
-    max_backtracks: Armijo halvings per Newton step (static).
-    block_size: if given (static), sums over the data run in blocks of this
-      many rows and stop after the first ``n_rows`` rows, so a buffer filled
-      to ``t`` rows costs O(t) rather than O(capacity); the buffer's length
-      must be a multiple of ``block_size``.
-    n_rows: () traced count of leading rows that may hold data (with
-      ``block_size``); rows beyond it are never read.
-
-  Returns:
-    An :class:`ERMResult`; never raises inside ``jit``.
+  With ``block_size`` the sums visit only the first ``n_rows`` rows, a block
+  at a time (see :func:`_over_blocks`); otherwise the whole buffer at once.
   """
-  ridge = jnp.asarray(ridge, params_init.dtype)
-  damping = jnp.where(ridge > 0, 0.0, 1e-6).astype(params_init.dtype)
-  n_obs = jnp.maximum(jnp.sum(data.mask), 1).astype(params_init.dtype)
-  threshold = tol * n_obs
   if block_size is None:
     objective = lambda p: _objective(model, choice_model, p, data, ridge)
     gradient = lambda p: _gradient(model, choice_model, p, data, ridge)
     gradient_hessian = lambda p: _gradient_hessian(model, choice_model, p, data, ridge)
-  else:
-    n_users, q = model.embedding.shape[0], params_init.shape[-1]
-    zero_grad = jnp.zeros((n_users, q), params_init.dtype)
-    zero_hess = jnp.zeros((n_users, q, q), params_init.dtype)
-    zero = jnp.zeros((), params_init.dtype)
+    return objective, gradient, gradient_hessian
+  n_users, q = model.embedding.shape[0], model.features.shape[-1]
+  zero_grad = jnp.zeros((n_users, q), dtype)
+  zero_hess = jnp.zeros((n_users, q, q), dtype)
+  zero = jnp.zeros((), dtype)
 
-    def objective(p):
-      nll = _over_blocks(data, block_size, n_rows,
-                         lambda rows: negative_log_likelihood(model, choice_model, p, rows),
-                         zero)
-      return nll + 0.5 * ridge * jnp.sum(p**2)
+  def objective(p):
+    nll = _over_blocks(data, block_size, n_rows,
+                       lambda rows: negative_log_likelihood(model, choice_model, p, rows), zero)
+    return nll + 0.5 * ridge * jnp.sum(p**2)
 
-    def gradient(p):
-      user_grad = _over_blocks(
-          data, block_size, n_rows,
-          lambda rows: _per_user_gradient(model, choice_model, p, rows), zero_grad)
-      return _assemble(model, p, ridge, user_grad)
+  def gradient(p):
+    user_grad = _over_blocks(data, block_size, n_rows,
+                             lambda rows: _per_user_gradient(model, choice_model, p, rows),
+                             zero_grad)
+    return _assemble(model, p, ridge, user_grad)
 
-    def gradient_hessian(p):
-      user_grad, user_hess = _over_blocks(
-          data, block_size, n_rows,
-          lambda rows: _user_statistics(model, choice_model, p, rows), (zero_grad, zero_hess))
-      return _assemble(model, p, ridge, user_grad, user_hess)
+  def gradient_hessian(p):
+    user_grad, user_hess = _over_blocks(
+        data, block_size, n_rows,
+        lambda rows: _user_statistics(model, choice_model, p, rows), (zero_grad, zero_hess))
+    return _assemble(model, p, ridge, user_grad, user_hess)
+
+  return objective, gradient, gradient_hessian
+
+
+def _newton(model, functions, params_init, grad_init, decrement_init, threshold, damping, *,
+            max_iterations, max_chord_steps, max_backtracks) -> _SolverState:
+  """Damped Newton with chord steps from ``params_init`` until the decrement meets ``threshold``.
+
+  ``decrement_init`` is the decrement already known at ``params_init`` (inf
+  if unknown): at or below ``threshold`` the loop makes no iteration.
+  """
+  objective, gradient, gradient_hessian = functions
 
   def outer_cond(state):
     return ((state.iteration < max_iterations) & (state.decrement > threshold) &
@@ -482,18 +465,260 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
     return _SolverState(params, grad, decrement_new, state.iteration + 1 + chords,
                         state.hessians + 1, ~accepted)
 
-  grad0 = gradient(params_init)
-  state = _SolverState(params_init, grad0, jnp.full((), jnp.inf, params_init.dtype),
+  state = _SolverState(params_init, grad_init, jnp.asarray(decrement_init, params_init.dtype),
                        jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
                        jnp.zeros((), jnp.bool_))
-  state = jax.lax.while_loop(outer_cond, outer_body, state)
+  return jax.lax.while_loop(outer_cond, outer_body, state)
+
+
+def _result(state: _SolverState, threshold, iterations) -> ERMResult:
   grad_norm = jnp.max(jnp.abs(state.grad))
   finite = jnp.all(jnp.isfinite(state.params))
   # A failed Cholesky (ridge 0, saturated separable data) leaves a NaN
   # decrement; report it as inf so the diagnostic stays comparable.
   decrement = jnp.where(jnp.isnan(state.decrement), jnp.inf, state.decrement)
-  return ERMResult(state.params, state.iteration, grad_norm, decrement,
+  return ERMResult(state.params, iterations, grad_norm, decrement,
                    (decrement <= threshold) & finite)
+
+
+def _setup(params_init, data, ridge, tol):
+  ridge = jnp.asarray(ridge, params_init.dtype)
+  damping = jnp.where(ridge > 0, 0.0, 1e-6).astype(params_init.dtype)
+  n_obs = jnp.maximum(jnp.sum(data.mask), 1).astype(params_init.dtype)
+  return ridge, damping, tol * n_obs
+
+
+def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
+            data: ChoiceData, ridge, *, tol: float = 1e-12, max_iterations: int = 30,
+            max_chord_steps: int = 6, max_backtracks: int = 20,
+            block_size: Optional[int] = None, n_rows=None) -> ERMResult:
+  """Exact ERM: the minimiser of the penalised negative log-likelihood of all data.
+
+  Each outer iteration evaluates the Hessian at the current iterate, takes a
+  Newton step (Armijo backtracking outside the quadratic region), then, while
+  inside the quadratic region, reuses that Hessian's Cholesky factor for up to
+  ``max_chord_steps`` further steps that need only a gradient each (chord
+  Newton: linear convergence at a rate set by how much the Hessian moved,
+  which is tiny for a warm start). The loop structure is static, so under
+  ``vmap`` the seeds share each Hessian evaluation instead of paying for it on
+  every step.
+
+  Args:
+    model: the :class:`ModelClass`.
+    choice_model: the feedback model whose likelihood is maximised.
+    params_init: warm start, shape ``model.param_shape``.
+    data: the :class:`ChoiceData` buffer (masked rows ignored).
+    ridge: () traced penalty ``ridge/2 ||Theta||^2`` (>= 0).
+    tol: stop when decrement^2 / 2 <= tol * max(1, number of observed rows),
+      the decrement measured with the latest Hessian factor.
+    max_iterations: budget of steps (Newton and chord together; static).
+    max_chord_steps: chord steps per Hessian evaluation (static).
+    max_backtracks: Armijo halvings per Newton step (static).
+    block_size: if given (static), sums over the data run in blocks of this
+      many rows and stop after the first ``n_rows`` rows, so a buffer filled
+      to ``t`` rows costs O(t) rather than O(capacity); the buffer's length
+      must be a multiple of ``block_size``.
+    n_rows: () traced count of leading rows that may hold data (with
+      ``block_size``); rows beyond it are never read.
+
+  Returns:
+    An :class:`ERMResult`; never raises inside ``jit``.
+  """
+  ridge, damping, threshold = _setup(params_init, data, ridge, tol)
+  functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
+                                   params_init.dtype)
+  state = _newton(model, functions, params_init, functions[1](params_init), jnp.inf,
+                  threshold, damping, max_iterations=max_iterations,
+                  max_chord_steps=max_chord_steps, max_backtracks=max_backtracks)
+  return _result(state, threshold, state.iteration)
+
+
+# ---------------------------------------------------------------------------
+# Exact ERM with a carried inverse Hessian
+# ---------------------------------------------------------------------------
+
+
+class HessianCarry(NamedTuple):
+  """An approximate inverse Hessian handed from one refit to the next.
+
+  Attributes:
+    inverse: the inverse of the penalised Hessian at a recent estimate, updated
+      by the Woodbury identity with every new observation: (m*q, m*q) for
+      shared-parameter classes, (U, q, q) for per-user classes.
+    valid: () bool, False until the first refresh (the first refit runs Newton).
+  """
+
+  inverse: jax.Array
+  valid: jax.Array
+
+
+def empty_hessian_carry(model: ModelClass) -> HessianCarry:
+  rows, q = model.param_shape
+  shape = (rows, q, q) if model.per_user else (rows * q, rows * q)
+  return HessianCarry(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.bool_))
+
+
+def _inverse(model, hess, damping):
+  """Inverse of the damped Hessian via its Cholesky factor (batched per user)."""
+  factor = _factor(model, hess, damping)
+  eye = jnp.eye(hess.shape[-1], dtype=hess.dtype)
+  solve = lambda f: jax.scipy.linalg.cho_solve((f, True), eye)
+  inverse = jax.vmap(solve)(factor) if model.per_user else solve(factor)
+  return 0.5 * (inverse + jnp.swapaxes(inverse, -1, -2))
+
+
+def _precondition(model, inverse, grad):
+  """The chord direction ``-P grad`` for a carried inverse ``P``."""
+  if model.per_user:
+    return -jnp.einsum("uqr,ur->uq", inverse, grad)
+  return -(inverse @ grad.reshape(-1)).reshape(grad.shape)
+
+
+def add_observation(model: ModelClass, choice_model: ChoiceModel, inverse: jax.Array,
+                    params: jax.Array, context, user, slate, outcome) -> jax.Array:
+  """Woodbury update of an inverse Hessian for one new observation.
+
+  The observation adds ``J^T S J`` to the Hessian, with ``J`` (K, p) the
+  derivative of the slate's utilities in the parameters and ``S`` (K, K) the
+  choice model's Hessian in the utilities at ``params``; then
+  ``(H + J^T S J)^-1 = P - P J^T (I + S J P J^T)^-1 S J P`` for ``P = H^-1``
+  (valid for singular ``S``), at cost O(K p^2).
+  """
+  features = model.features[context, slate]  # (K, q)
+  if model.per_user:
+    weights, jac, block = params[user], features, inverse[user]
+  else:
+    embedding = model.embedding[user]  # (m,)
+    weights = embedding @ params
+    jac = (embedding[None, :, None] * features[:, None, :]).reshape(features.shape[0], -1)
+    block = inverse
+  _, hess = choice_model.gradient_hessian(features @ weights, outcome)  # (K, K)
+  projected = jac @ block  # (K, p)
+  inner = jnp.eye(hess.shape[0], dtype=hess.dtype) + hess @ (projected @ jac.T)
+  updated = block - projected.T @ jnp.linalg.solve(inner, hess @ projected)
+  updated = 0.5 * (updated + updated.T)
+  return inverse.at[user].set(updated) if model.per_user else updated
+
+
+def _secant_update(model, inverse, step, grad, grad_change, floor):
+  """BFGS update of an inverse Hessian with one secant pair (per user block if per-user).
+
+  ``P <- (I - r s y^T) P (I - r y s^T) + r s s^T`` with ``r = 1 / s^T y``: the
+  updated ``P`` maps ``y`` to ``s`` exactly, so it follows the Hessian's change
+  along the step just taken. A block is updated only when its pair carries
+  curvature information rather than float32 noise: the step's share of the
+  decrement, ``-s^T grad / 2``, is above ``floor`` (a hundred times the
+  stopping threshold), ``s^T y > 0`` and ``y^T P y`` is within a factor 4 of
+  ``s^T y`` (the carried inverse is already close).
+
+  Args:
+    model: the :class:`ModelClass` (per-user classes update (U, q, q) blocks).
+    inverse: the carried inverse Hessian.
+    step: ``s``, the step just taken (``model.param_shape``).
+    grad: the gradient before the step.
+    grad_change: ``y``, the gradient after the step minus ``grad``.
+    floor: () the smallest decrement share worth an update.
+  """
+  def update(p, s, g, y):
+    sy = jnp.dot(s, y)
+    py = p @ y
+    ypy = jnp.dot(y, py)
+    ok = (-0.5 * jnp.dot(s, g) > floor) & (sy > 0) & (ypy < 4.0 * sy) & (4.0 * ypy > sy)
+    r = jnp.where(ok, 1.0 / jnp.where(ok, sy, 1.0), 0.0)
+    return (p - r * (jnp.outer(s, py) + jnp.outer(py, s)) +
+            (r * r * ypy + r) * jnp.outer(s, s))
+
+  if model.per_user:
+    return jax.vmap(update)(inverse, step, grad, grad_change)
+  return update(inverse, step.reshape(-1), grad.reshape(-1), grad_change.reshape(-1))
+
+
+# A refit that needs more quasi-Newton steps than this refreshes the carried inverse.
+_REFRESH_AFTER = 4
+
+
+def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
+                    carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
+                    tol: float = 1e-12, max_iterations: int = 30, max_chord_steps: int = 8,
+                    max_backtracks: int = 20, block_size: Optional[int] = None,
+                    n_rows=None):
+  """Exact ERM warm-started at ``params_init``, preconditioned by a carried inverse Hessian.
+
+  The same minimiser and the same stopping rule as :func:`fit_erm`
+  (decrement^2 / 2 <= tol * n, here measured with the carried inverse), at a
+  fraction of the cost when consecutive estimates are close:
+
+  1. the inverse Hessian of the previous refit is updated for the one new
+     observation by the Woodbury identity (:func:`add_observation`, O(K p^2));
+  2. quasi-Newton steps ``theta <- theta - P grad`` follow, one gradient each
+     (O(n)), each followed by a BFGS update of ``P`` with the step and the
+     gradient change (:func:`_secant_update`, O(p^2)), while the decrement
+     keeps falling;
+  3. if they stop short of the tolerance, :func:`fit_erm`'s damped Newton
+     takes over from there;
+  4. the inverse is refreshed (Hessian at the solution, Cholesky, inverse) when
+     step 3 ran, when more than 4 steps were needed, or on the first refit.
+
+  Args:
+    model, choice_model, params_init, data, ridge, tol, max_iterations,
+      max_chord_steps, max_backtracks, block_size, n_rows: as in :func:`fit_erm`
+      (``data`` already holds the new observation).
+    carry: the :class:`HessianCarry` of the previous refit.
+    new_observation: ``(context, user, slate (K,), outcome (m,))`` of the
+      observation added since the previous refit.
+
+  Returns:
+    ``(ERMResult, HessianCarry)``; never raises inside ``jit``.
+  """
+  ridge, damping, threshold = _setup(params_init, data, ridge, tol)
+  functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
+                                   params_init.dtype)
+  _, gradient, gradient_hessian = functions
+  inverse = jnp.where(carry.valid,
+                      add_observation(model, choice_model, carry.inverse, params_init,
+                                      *new_observation), carry.inverse)
+
+  grad0 = gradient(params_init)
+  direction0 = _precondition(model, inverse, grad0)
+  decrement0 = -0.5 * jnp.sum(grad0 * direction0)
+
+  def step_cond(c):
+    _, _, _, _, decrement, count, going = c
+    return going & (decrement > threshold) & (count < max_chord_steps)
+
+  def step_body(c):
+    params, grad, direction, inverse, decrement, count, _ = c
+    trial = params + direction
+    trial_grad = gradient(trial)
+    trial_inverse = _secant_update(model, inverse, direction, grad, trial_grad - grad,
+                                   100.0 * threshold)
+    trial_direction = _precondition(model, trial_inverse, trial_grad)
+    trial_decrement = -0.5 * jnp.sum(trial_grad * trial_direction)
+    improved = jnp.isfinite(trial_decrement) & (trial_decrement >= 0) & (
+        trial_decrement < decrement)
+    pick = lambda new, old: jnp.where(improved, new, old)
+    return (pick(trial, params), pick(trial_grad, grad), pick(trial_direction, direction),
+            pick(trial_inverse, inverse), pick(trial_decrement, decrement), count + 1, improved)
+
+  usable = carry.valid & jnp.isfinite(decrement0) & (decrement0 >= 0)
+  params, grad, _, inverse, decrement, chords, _ = jax.lax.while_loop(
+      step_cond, step_body, (params_init, grad0, direction0, inverse, decrement0, 0, usable))
+  solved = usable & (decrement <= threshold)
+  state = _newton(model, functions, params, grad, jnp.where(solved, decrement, jnp.inf),
+                  threshold, damping, max_iterations=max(max_iterations - max_chord_steps, 1),
+                  max_chord_steps=max_chord_steps, max_backtracks=max_backtracks)
+
+  # Refresh the inverse at the solution when the carried one served badly;
+  # a while loop of 0 or 1 trips, so under vmap it runs only if a lane needs it.
+  stale = ~solved | (chords > _REFRESH_AFTER)
+
+  def refresh(c):
+    _, hess = gradient_hessian(state.params)
+    return _inverse(model, hess, damping), jnp.zeros((), jnp.bool_)
+
+  inverse, _ = jax.lax.while_loop(lambda c: c[1], refresh, (inverse, stale))
+  result = _result(state, threshold, chords + state.iteration)
+  return result, HessianCarry(inverse, jnp.ones((), jnp.bool_))
 
 
 class Learner(NamedTuple):
@@ -514,6 +739,12 @@ class Learner(NamedTuple):
       used to evaluate every cell one context at a time on CPU.
     fits_in_blocks: ``fit`` accepts ``block_size=`` and ``n_rows=`` (see
       :func:`fit_erm`), so a buffer filled to t rows costs O(t).
+    init_carry: optional ``() -> carry``, solver state handed from refit to refit.
+    fit_carried: optional ``(params, carry, data, new_observation, ridge,
+      block_size=None, n_rows=None) -> (ERMResult, carry)``: the same exact ERM
+      as ``fit``, using and updating ``carry`` (see :func:`fit_erm_carried`);
+      ``new_observation`` is ``(context, user, slate, outcome)`` of the row
+      added since the previous refit.
   """
 
   init: Callable
@@ -524,6 +755,8 @@ class Learner(NamedTuple):
   score_drift_bound: Optional[Callable] = None
   context_scores: Optional[Callable] = None
   fits_in_blocks: bool = False
+  init_carry: Optional[Callable] = None
+  fit_carried: Optional[Callable] = None
 
 
 def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
@@ -538,6 +771,8 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
   V.positive_int("max_iterations", max_iterations)
   shape = model.param_shape
   feature_norm = jnp.max(jnp.linalg.norm(model.features, axis=-1), axis=-1)  # (C,)
+  if model.outer_factors is not None:
+    action_norm = jnp.max(jnp.linalg.norm(model.outer_factors[1], axis=-1), axis=-1)  # (C,)
 
   def init():
     return jnp.zeros(shape, jnp.float32)
@@ -546,18 +781,35 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
     return fit_erm(model, choice_model, params, data, ridge, tol=tol,
                    max_iterations=max_iterations, block_size=block_size, n_rows=n_rows)
 
+  def fit_carried(params, carry, data, new_observation, ridge, block_size=None, n_rows=None):
+    return fit_erm_carried(model, choice_model, params, carry, data, new_observation, ridge,
+                           tol=tol, max_iterations=max_iterations, block_size=block_size,
+                           n_rows=n_rows)
+
   def cells_scores(params, contexts, users):
     weights = user_vectors(model, params)[users]  # (B, q)
     return jnp.einsum("baq,bq->ba", model.features[contexts], weights)
 
   def score_drift_bound(params_old, params_new):
-    # |<w_new - w_old, f(x, a)>| <= ||w_new - w_old|| * max_a ||f(x, a)|| (Cauchy-Schwarz).
-    drift = jnp.linalg.norm(user_vectors(model, params_new - params_old), axis=-1)  # (U,)
-    return feature_norm[:, None] * drift[None, :]
+    change = user_vectors(model, params_new - params_old)  # (U, q)
+    if model.outer_factors is None:
+      # |<dw, f(x, a)>| <= ||dw|| * max_a ||f(x, a)|| (Cauchy-Schwarz).
+      return feature_norm[:, None] * jnp.linalg.norm(change, axis=-1)[None, :]
+    # f(x, a) = x (outer) a, so <dw, f(x, a)> = a^T (dW^T x) with dW the (d, d)
+    # reshape of dw: |.| <= ||dW^T x|| * max_a ||a||, per (context, user).
+    contexts, actions = model.outer_factors
+    d = contexts.shape[-1]
+    moved = jnp.einsum("ci,uij->cuj", contexts, change.reshape(-1, d, d))
+    return action_norm[:, None] * jnp.linalg.norm(moved, axis=-1)
+
+  latent_first = not model.per_user and model.embedding.shape[1] < shape[1]
 
   def context_scores(params, context):
+    if latent_first:  # e_i^T (Theta f): m (q + U) A products instead of U q A
+      return model.embedding @ (params @ model.features[context].T)
     return user_vectors(model, params) @ model.features[context].T
 
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),
-                 cells_scores, score_drift_bound, context_scores, True)
+                 cells_scores, score_drift_bound, context_scores, True,
+                 lambda: empty_hessian_carry(model), fit_carried)

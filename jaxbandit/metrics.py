@@ -89,28 +89,36 @@ class RegretCache(NamedTuple):
   """Per-cell greedy decisions of the current estimate, kept exact between rounds.
 
   A cell's greedy action cannot change while every score moves by less than
-  half its margin (best minus second-best estimated score). ``slack`` is that
-  margin minus twice the accumulated drift bound since the cell was last
-  scored (minus a float32 rounding allowance); only cells with ``slack <= 0``
-  are re-scored, so the recorded regret equals the full re-scoring's.
+  half its margin (best minus second-best estimated score). Drift is measured
+  from one *reference* estimate (the estimate of the last full evaluation)
+  rather than summed round by round: with ``D(a, b)`` the learner's bound on
+  how far any score of a cell moves between estimates ``a`` and ``b``,
+  ``D(scored, now) <= D(scored, ref) + D(ref, now)``. A cell scored at
+  ``scored`` keeps ``slack = margin - 2 D(scored, ref)`` (minus a float32
+  rounding allowance) and is re-scored only once ``slack <= 2 D(ref, now)``,
+  so the recorded regret equals the full re-scoring's. Estimates that wander
+  back and forth (as a refitted ERM does) cost the net distance from the
+  reference, not the path length.
 
   Attributes:
     greedy: (n_contexts, n_users) int32 greedy action of each cell.
     cell_regret: (n_contexts, n_users) R*(best) - R*(greedy).
     slack: (n_contexts, n_users) remaining slack; +inf for cells of zero weight,
       -inf to force re-scoring.
+    reference: the reference estimate (the learner's parameter shape).
   """
 
   greedy: jax.Array
   cell_regret: jax.Array
   slack: jax.Array
+  reference: jax.Array
 
 
-def empty_regret_cache(n_contexts: int, n_users: int) -> RegretCache:
-  """A cache whose every cell must be scored before use."""
+def empty_regret_cache(n_contexts: int, n_users: int, reference: jax.Array) -> RegretCache:
+  """A cache whose every cell must be scored before use (``reference``: any estimate)."""
   shape = (n_contexts, n_users)
   return RegretCache(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32),
-                     jnp.full(shape, -jnp.inf, jnp.float32))
+                     jnp.full(shape, -jnp.inf, jnp.float32), jnp.asarray(reference))
 
 
 def _decide(scores, support, best_true, true_scores):
@@ -127,11 +135,14 @@ def _decide(scores, support, best_true, true_scores):
   return chosen, best_true - value, margin
 
 
-def refresh_all(truth: TruthTables, estimated_scores=None, context_scores=None) -> RegretCache:
+def refresh_all(truth: TruthTables, estimated_scores=None, context_scores=None,
+                reference=None) -> RegretCache:
   """Scores every cell (the full evaluation).
 
   Args:
     truth: the :class:`TruthTables`.
+    reference: the estimate being scored (becomes the cache's reference; may
+      be None when only ``cell_regret`` is wanted).
     estimated_scores: (C, U, A) scores, or None to use ``context_scores``.
     context_scores: ``context -> (U, A)`` scores of one context; the cells are
       then evaluated one context at a time (``lax.map``), which keeps each
@@ -149,28 +160,36 @@ def refresh_all(truth: TruthTables, estimated_scores=None, context_scores=None) 
     chosen, regret, margin = jax.lax.map(
         one_context, (jnp.arange(n_contexts), truth.support, truth.best, truth.scores))
   slack = jnp.where(truth.weights > 0, margin, jnp.inf)
-  return RegretCache(chosen, regret, slack)
+  return RegretCache(chosen, regret, slack, reference)
 
 
-def refresh_cells(truth: TruthTables, cache: RegretCache, cells, cell_scores) -> RegretCache:
-  """Re-scores the flat cell indices ``cells`` (B,) given their scores (B, n_actions)."""
+def refresh_cells(truth: TruthTables, cache: RegretCache, cells, cell_scores,
+                  drift) -> RegretCache:
+  """Re-scores the flat cell indices ``cells`` (B,) given their scores (B, n_actions).
+
+  ``drift`` (C, U) bounds how far each cell's scores are from the reference's.
+  """
   n_users = truth.weights.shape[1]
   contexts, users = cells // n_users, cells % n_users
   chosen, regret, margin = _decide(cell_scores, truth.support[contexts],
                                    truth.best[contexts, users], truth.scores[contexts, users])
-  slack = jnp.where(truth.weights[contexts, users] > 0, margin, jnp.inf)
-  return RegretCache(cache.greedy.at[contexts, users].set(chosen),
-                     cache.cell_regret.at[contexts, users].set(regret),
-                     cache.slack.at[contexts, users].set(slack))
+  slack = jnp.where(truth.weights[contexts, users] > 0,
+                    margin - 2.0 * drift[contexts, users], jnp.inf)
+  return cache._replace(greedy=cache.greedy.at[contexts, users].set(chosen),
+                        cell_regret=cache.cell_regret.at[contexts, users].set(regret),
+                        slack=cache.slack.at[contexts, users].set(slack))
 
 
-def update_regret_cache(truth: TruthTables, cache: RegretCache, all_scores, cells_scores,
-                        budget: int, context_scores=None):
-  """Brings the cache up to date: nothing, the dirty cells (<= budget), or everything.
+def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, drift, all_scores,
+                        cells_scores, budget: int, context_scores=None):
+  """Brings the cache up to ``estimate``: nothing, the dirty cells (<= budget), or everything.
 
   Args:
     truth: the instance's :class:`TruthTables`.
-    cache: the cache with slack already reduced by the drift since last use.
+    cache: the cache of an earlier estimate.
+    estimate: the current estimate (the reference after a full evaluation).
+    drift: (C, U) the learner's bound on ``max_a |R_estimate - R_reference|``
+      per cell (``Learner.score_drift_bound(cache.reference, estimate)``).
     all_scores: ``() -> (C, U, A)`` full estimated scores (called only if needed).
     cells_scores: ``(contexts (B,), users (B,)) -> (B, A)``.
     context_scores: optional ``context -> (U, A)``; if given, the full
@@ -181,20 +200,20 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, all_scores, cell
     ``(cache, rescored)``: the updated cache and how many cells were scored
     (all ``n_contexts * n_users`` for a full evaluation).
   """
-  dirty = cache.slack <= 0
+  dirty = cache.slack <= 2.0 * drift
   n_dirty = jnp.sum(dirty)
   n_users = truth.weights.shape[1]
 
   def partial(cache):
     cells = jnp.nonzero(dirty.reshape(-1), size=budget, fill_value=0)[0].astype(jnp.int32)
     scores = cells_scores(cells // n_users, cells % n_users)
-    return refresh_cells(truth, cache, cells, scores)
+    return refresh_cells(truth, cache, cells, scores, drift)
 
   def full(cache):
     del cache
     if context_scores is not None:
-      return refresh_all(truth, context_scores=context_scores)
-    return refresh_all(truth, all_scores())
+      return refresh_all(truth, context_scores=context_scores, reference=estimate)
+    return refresh_all(truth, all_scores(), reference=estimate)
 
   cache = jax.lax.cond(
       n_dirty > budget, full,

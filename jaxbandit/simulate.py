@@ -74,6 +74,12 @@ class SimulationConfig:
       O(horizon). Used when the horizon spans at least 4 blocks (below that
       the loop's overhead outweighs the saving: measured 1.6x faster at
       T=3000, 13% slower at T=1000 with 128-row blocks); 0 disables it.
+    erm_hessian: 'carried' (each seed carries the inverse Hessian of its last
+      refit, updated for the new observation by the Woodbury identity; refits
+      then need one or two gradient evaluations and rarely a Hessian, see
+      ``learners.fit_erm_carried``) or 'fresh' (every refit evaluates and
+      factors the Hessian at its warm start, ``learners.fit_erm``). Both meet
+      the same tolerance; 'carried' adds one p x p matrix per seed to the state.
   """
 
   horizon: int = 1000
@@ -90,6 +96,7 @@ class SimulationConfig:
   rescore_budget: int = 512
   data_layout: str = "buffer"
   erm_block_size: int = 256
+  erm_hessian: str = "carried"
 
   def validate(self, n_actions: Optional[int] = None, min_support: Optional[int] = None):
     V.positive_int("horizon", self.horizon)
@@ -103,6 +110,7 @@ class SimulationConfig:
     V.positive_int("rescore_budget", self.rescore_budget)
     V.one_of("data_layout", self.data_layout, ("buffer", "table"))
     V.non_negative_int("erm_block_size", self.erm_block_size)
+    V.one_of("erm_hessian", self.erm_hessian, ("carried", "fresh"))
     V.boolean("record_kl", self.record_kl)
     if self.top_m is not None:
       V.positive_int("top_m", self.top_m)
@@ -148,12 +156,15 @@ class SimState(NamedTuple):
     data: :class:`learners.ChoiceData` buffer of capacity ``horizon``.
     round: () int32 number of rounds completed.
     regret_cache: :class:`metrics.RegretCache` of ``params`` (incremental regret).
+    solver: the learner's carried solver state (``learners.HessianCarry`` with
+      ``erm_hessian='carried'``; an empty tuple otherwise).
   """
 
   params: jax.Array
   data: learners_lib.ChoiceData
   round: jax.Array
   regret_cache: metrics.RegretCache
+  solver: object = ()
 
 
 class RoundRecord(NamedTuple):
@@ -210,6 +221,11 @@ def buffer_capacity(config: SimulationConfig) -> int:
   return -(-config.horizon // block) * block if uses_erm_blocks(config) else config.horizon
 
 
+def carries_hessian(config: SimulationConfig, learner: learners_lib.Learner) -> bool:
+  """Whether refits use the learner's carried inverse Hessian (``erm_hessian='carried'``)."""
+  return config.erm_hessian == "carried" and learner.fit_carried is not None
+
+
 def init_state(config: SimulationConfig, instance: Instance) -> SimState:
   """The state before round 1 for one seed (estimate at the learner's ``init``)."""
   choice_model, learner, _ = _components(config, instance)
@@ -222,8 +238,9 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
         mask=jnp.zeros((rows,), jnp.float32))
   else:
     data = learners_lib.ChoiceData.empty(buffer_capacity(config), config.slate_size, n_ranked)
-  cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users)
-  return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache)
+  cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users, learner.init())
+  solver = learner.init_carry() if carries_hessian(config, learner) else ()
+  return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache, solver)
 
 
 def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationParams,
@@ -252,6 +269,7 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
   log_user = jnp.log(instance.user_weights)
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
   n_ranked = choice_model.outcome_size(config.slate_size)
+  carried = carries_hessian(config, learner)
   table = None
   if config.data_layout == "table":
     table = learners_lib.empty_table(instance.n_contexts, instance.n_users, instance.n_actions,
@@ -271,8 +289,9 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     incremental = (config.regret_evaluation == "incremental" and not config.record_kl and
                    learner.cells_scores is not None and learner.score_drift_bound is not None)
     if incremental:
+      drift = learner.score_drift_bound(state.regret_cache.reference, state.params)
       cache, rescored = metrics.update_regret_cache(
-          truth, state.regret_cache, lambda: learner.scores(state.params),
+          truth, state.regret_cache, state.params, drift, lambda: learner.scores(state.params),
           lambda contexts, users: learner.cells_scores(state.params, contexts, users),
           config.rescore_budget, context_scores=blocked_scores)
       per_cell = cache.cell_regret
@@ -296,25 +315,26 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     slate = policy(key_slate, cell_estimate, truth.log_reference[context],
                    policy_params)
     outcome = choice_model.sample(key_choice, truth.scores[context, user, slate])
+    blocks = {}
     if table is not None:
       row = learners_lib.table_row(context, user, slate, outcome, instance.n_users,
                                    instance.n_actions, config.slate_size, n_ranked)
       counts = state.data.mask.at[row].add(1.0)
-      fit = learner.fit(state.params, table._replace(mask=counts), params.ridge)
       data = state.data._replace(mask=counts)
+      fit_data = table._replace(mask=counts)
     else:
-      data = state.data.write(state.round, context, user, slate, outcome)
+      data = fit_data = state.data.write(state.round, context, user, slate, outcome)
       if learner.fits_in_blocks and uses_erm_blocks(config):
-        fit = learner.fit(state.params, data, params.ridge, block_size=config.erm_block_size,
-                          n_rows=state.round + 1)
-      else:
-        fit = learner.fit(state.params, data, params.ridge)
+        blocks = dict(block_size=config.erm_block_size, n_rows=state.round + 1)
+    solver = state.solver
+    if carried and isinstance(solver, learners_lib.HessianCarry):
+      fit, solver = learner.fit_carried(state.params, solver, fit_data,
+                                        (context, user, slate, outcome), params.ridge, **blocks)
+    else:
+      fit = learner.fit(state.params, fit_data, params.ridge, **blocks)
     record = RoundRecord(regret, realised, kl_regret, fit.iterations, fit.grad_norm,
                          fit.converged, context, user, rescored)
-    if incremental:
-      drift = learner.score_drift_bound(state.params, fit.params)
-      cache = cache._replace(slack=cache.slack - 2.0 * drift)
-    return SimState(fit.params, data, state.round + 1, cache), record
+    return SimState(fit.params, data, state.round + 1, cache, solver), record
 
   return jax.lax.scan(one_round, state, None, length=n_rounds)
 
@@ -393,18 +413,20 @@ def init_states(config: SimulationConfig, instances: Instance, n_seeds: int) -> 
 
 def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users: int,
                           n_contexts: int, n_actions: int, n_params: int, n_seeds: int,
-                          chunk_size: int) -> dict:
+                          chunk_size: int, n_solver: int = 0) -> dict:
   """Rough peak-memory estimate of a run, by component (bytes).
 
   State per seed: the data buffer (horizon rows of context, user, slate,
-  outcome, mask), the regret cache (3 numbers per cell) and the estimate;
+  outcome, mask), the regret cache (3 numbers per cell), the estimate and
+  ``n_solver`` numbers of carried solver state (the inverse Hessian);
   records: 9 numbers per seed-round kept on the host for the whole horizon,
   plus one chunk of them on the device; truth tables per population.
   """
   n_ranked = config.slate_size if (config.choice_model == "plackett_luce" and
                                    config.top_m is None) else (config.top_m or 1)
   row = 4 * (2 + config.slate_size + n_ranked) + 1
-  per_seed = config.horizon * row + 12 * n_contexts * n_users + 8 * n_params
+  per_seed = (config.horizon * row + 12 * n_contexts * n_users + 8 * n_params +
+              4 * n_solver)
   lanes = n_populations * n_seeds
   estimate = {
       "state": lanes * per_seed * 2,  # the kernel's input and output copies
@@ -433,12 +455,13 @@ def available_memory_bytes() -> Optional[int]:
 
 
 def check_memory(config: SimulationConfig, instances: Instance, n_seeds: int, chunk_size: int,
-                 n_params: int) -> dict:
+                 n_params: int, n_solver: int = 0) -> dict:
   """Refuses, before compiling, a run whose estimated memory exceeds what is available."""
   n_populations = instances.contexts.shape[0]
   n_contexts, n_users = instances.contexts.shape[-2], instances.heads.shape[-2]
   estimate = estimate_memory_bytes(config, n_populations, n_users, n_contexts,
-                                   instances.actions.shape[-2], n_params, n_seeds, chunk_size)
+                                   instances.actions.shape[-2], n_params, n_seeds, chunk_size,
+                                   n_solver)
   available = available_memory_bytes()
   if available is not None and estimate["total"] > 0.8 * available:
     per_seed = estimate["total"] / max(n_seeds, 1)
@@ -560,7 +583,11 @@ def simulate(instances: Instance, config: SimulationConfig,
   n_params = {"known_heads": latent_dim * dim * dim, "pooled": dim * dim,
               "known_directions": n_users * latent_dim,
               "per_user_bilinear": n_users * dim * dim}[config.model_class]
-  check_memory(config, instances, n_seeds, chunk_size, n_params)
+  per_user = config.model_class in ("known_directions", "per_user_bilinear")
+  n_solver = 0
+  if config.erm_hessian == "carried":
+    n_solver = n_params * (n_params // n_users) if per_user else n_params**2
+  check_memory(config, instances, n_seeds, chunk_size, n_params, n_solver)
   n_processes, process = jax.process_count(), jax.process_index()
   n_local = min(n_local, max(1, -(-n_seeds // n_processes)))
   per_process = -(-n_seeds // n_processes)  # ceil

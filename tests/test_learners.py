@@ -21,6 +21,8 @@ is marked slow.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -504,3 +506,149 @@ def test_make_learner_bundle(inst):
     L.make_learner(model, C.multinomial_logit(), tol=0.0)
   with pytest.raises(ValueError, match=r"\bmax_iterations\b"):
     L.make_learner(model, C.multinomial_logit(), max_iterations=0)
+
+
+# ---------------------------------------------------------------------------
+# Exact ERM with a carried inverse Hessian
+# ---------------------------------------------------------------------------
+
+CARRIED_PAIRS = [pytest.param("known_heads", "bradley_terry", id="known_heads-bradley_terry"),
+                 pytest.param("per_user_bilinear", "plackett_luce",
+                              id="per_user_bilinear-plackett_luce"),
+                 pytest.param("known_directions", "multinomial_logit", marks=pytest.mark.slow,
+                              id="known_directions-multinomial_logit")]
+
+
+def np_block_inverse(model, hess):
+  """The package's layout of an inverse Hessian: (p, p), or per-user (U, q, q) blocks."""
+  inverse = np.linalg.inv(hess)
+  if not model.per_user:
+    return inverse
+  users, q = model.param_shape
+  return np.stack([inverse[u * q:(u + 1) * q, u * q:(u + 1) * q] for u in range(users)])
+
+
+@pytest.mark.parametrize("model_name,choice_name", CARRIED_PAIRS[:2])
+def test_add_observation_matches_numpy_inverse(model_name, choice_name, inst, rng):
+  """One Woodbury update equals NumPy's inverse of the Hessian with the new row added."""
+  top_m, _ = CHOICES[choice_name]
+  choice_model = C.get_choice_model(choice_name, top_m)
+  model = L.make_model_class(model_name, inst)
+  data = cached_data(choice_name)
+  n = 40
+  design = np_design(model_name, inst, data)[:n + 1]
+  theta = 0.3 * rng.standard_normal(design.shape[-1])
+  mask = np.ones(n + 1)
+  before = np_objective(design[:n], data.outcomes[:n], mask[:n], 1.0)(theta)[2]
+  after = np_objective(design, data.outcomes[:n + 1], mask, 1.0)(theta)[2]
+  updated = L.add_observation(
+      model, choice_model, jnp.asarray(np_block_inverse(model, before), jnp.float32),
+      jnp.asarray(theta.reshape(model.param_shape), jnp.float32), data.contexts[n],
+      data.users[n], data.slates[n], data.outcomes[n])
+  expected = np_block_inverse(model, after)
+  np.testing.assert_allclose(np.asarray(updated), expected, rtol=1e-4,
+                             atol=1e-5 * np.abs(expected).max())
+  # The new row changes the inverse (the test would catch an update left out).
+  assert np.abs(np_block_inverse(model, before) - expected).max() > 1e-3 * np.abs(expected).max()
+
+
+def test_secant_update_maps_gradient_change_to_step(inst, rng):
+  model = L.make_model_class("known_heads", inst)
+  p = model.param_shape[0] * model.param_shape[1]
+  root = rng.standard_normal((p, p))
+  inverse = np.linalg.inv(root @ root.T + p * np.eye(p))
+  step = rng.standard_normal(model.param_shape)
+  change = (root @ root.T + 1.5 * p * np.eye(p)) @ step.ravel()  # a convex function's y
+  grad = -np.linalg.solve(inverse, step.ravel())  # the gradient that made this step
+  as32 = lambda v: jnp.asarray(v.reshape(step.shape), jnp.float32)
+  updated = np.asarray(L._secant_update(model, jnp.asarray(inverse, jnp.float32), as32(step),
+                                        as32(grad), as32(change), 0.0), np.float64)
+  np.testing.assert_allclose(updated @ change, step.ravel(), rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(updated, updated.T, atol=1e-6)
+  assert np.all(np.linalg.eigvalsh(updated) > 0)
+
+
+@pytest.fixture(scope="module")
+def carried_sequence():
+  """jit of: fit the first rows cold, then add rows one at a time with fit_erm_carried."""
+  cache = {}
+
+  def get(model_name, choice_name):
+    if (model_name, choice_name) not in cache:
+      top_m, _ = CHOICES[choice_name]
+      choice_model = C.get_choice_model(choice_name, top_m)
+
+      @functools.partial(jax.jit, static_argnums=2)
+      def run(model, data, first, ridge):
+        carry = L.empty_hessian_carry(model)
+        params = jnp.zeros(model.param_shape, jnp.float32)
+        results = []
+        for n in range(first, N_ROWS + 1):
+          rows = data._replace(mask=jnp.arange(N_ROWS) < n)
+          new = (data.contexts[n - 1], data.users[n - 1], data.slates[n - 1],
+                 data.outcomes[n - 1])
+          result, carry = L.fit_erm_carried(model, choice_model, params, carry, rows, new,
+                                            ridge, tol=TIGHT_TOL)
+          params = result.params
+          results.append(result)
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *results), carry
+
+      cache[(model_name, choice_name)] = run
+    return cache[(model_name, choice_name)]
+
+  return get
+
+
+@pytest.mark.parametrize("model_name,choice_name", CARRIED_PAIRS)
+def test_fit_erm_carried_matches_scipy_after_each_new_row(model_name, choice_name, inst,
+                                                          carried_sequence):
+  """Rows arrive one at a time; every refit is SciPy's ERM on the rows so far."""
+  model = L.make_model_class(model_name, inst)
+  data = cached_data(choice_name)
+  first = N_ROWS - 4
+  results, carry = carried_sequence(model_name, choice_name)(model, data, first, 1.0)
+  design = np_design(model_name, inst, data)
+  assert bool(carry.valid)
+  for k, n in enumerate(range(first, N_ROWS + 1)):
+    reference = scipy_erm(design[:n], data.outcomes[:n], np.ones(n), 1.0)
+    assert bool(results.converged[k]), (n, results.decrement[k])
+    assert_params_close(results.params[k], reference.reshape(model.param_shape))
+  # The first refit starts cold (Newton); later ones are warm quasi-Newton refits.
+  assert int(np.max(results.iterations[1:])) <= 8
+  # The carried inverse stays close to NumPy's inverse Hessian at the final estimate.
+  theta = np.asarray(results.params[-1], np.float64).ravel()
+  hess = np_objective(design, data.outcomes, np.ones(N_ROWS), 1.0)(theta)[2]
+  expected = np_block_inverse(model, hess)
+  error = np.linalg.norm(np.asarray(carry.inverse) - expected) / np.linalg.norm(expected)
+  assert error < 0.2, error
+
+
+def test_drift_bound_holds_and_beats_cauchy_schwarz(inst, rng):
+  """The bilinear score-drift bound is >= the true score change and tighter than ||dw|| ||f||."""
+  model = L.make_model_class("known_heads", inst)
+  learner = L.make_learner(model, C.bradley_terry())
+  features = np.asarray(model.features, np.float64)
+  ratios = []
+  for _ in range(5):
+    old = rng.standard_normal(model.param_shape)
+    new = old + 0.1 * rng.standard_normal(model.param_shape)
+    true_change = np.abs(np_explicit_scores("known_heads", inst, new) -
+                         np_explicit_scores("known_heads", inst, old)).max(axis=-1)  # (C, U)
+    bound = np.asarray(learner.score_drift_bound(jnp.asarray(old, jnp.float32),
+                                                 jnp.asarray(new, jnp.float32)), np.float64)
+    assert np.all(bound >= true_change * (1 - 1e-5) - 1e-6)
+    heads = np.asarray(inst.heads, np.float64)
+    user_change = np.linalg.norm(heads @ (new - old), axis=-1)  # (U,)
+    cauchy_schwarz = np.linalg.norm(features, axis=-1).max(axis=-1)[:, None] * user_change
+    ratios.append(np.mean(bound / cauchy_schwarz))
+  assert np.mean(ratios) < 0.9, ratios
+
+
+def test_latent_first_context_scores_match_explicit(inst, rng):
+  model = L.make_model_class("known_heads", inst)
+  learner = L.make_learner(model, C.bradley_terry())
+  theta = rng.standard_normal(model.param_shape)
+  explicit = np_explicit_scores("known_heads", inst, theta)
+  for context in range(inst.n_contexts):
+    np.testing.assert_allclose(np.asarray(learner.context_scores(
+        jnp.asarray(theta, jnp.float32), context)), explicit[context], rtol=1e-4, atol=1e-4)
