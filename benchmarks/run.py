@@ -839,6 +839,9 @@ def memory_mode(args) -> None:
       ("data buffer (horizon rows)", data_row * horizon, f"{data_row} B per row"),
       ("regret cache 3 x C x U", cache, "greedy int32, cell regret, slack float32"),
       ("estimate Theta (m x q)", m * q * 4, ""),
+      ("cache reference estimate (m x q)", m * q * 4, "the estimate of the last full evaluation"),
+      ("carried inverse Hessian (mq x mq)", (m * q)**2 * 4, "erm_hessian='carried' (the "
+       "default); 0 with 'fresh'"),
       ("records (device)", record * horizon, f"{record} B per seed-round, 9 fields"),
       ("records (host copy)", record * horizon, "device_get; chunked runs also keep the "
        "chunk list while concatenating"),
@@ -856,13 +859,15 @@ def memory_mode(args) -> None:
                "note": "plus the JAX runtime (~400 MiB RSS measured) and XLA temp"})
   config, _ = simulation_config(dataclasses.replace(case, seed_batching="map"))
   if hasattr(simulate, "estimate_memory_bytes"):  # the package's own pre-run check
-    package = simulate.estimate_memory_bytes(config, 1, u, c, a, m * q, n_seeds, horizon)
+    package = simulate.estimate_memory_bytes(config, 1, u, c, a, m * q, n_seeds, horizon,
+                                             n_solver=(m * q)**2)
     rows.append({"item": "simulate.estimate_memory_bytes (map, one chunk)", "per_seed": "-",
                  "mib": package["total"] / mib,
                  "note": ", ".join(f"{k} {v / mib:,.0f}" for k, v in package.items()
                                    if k != "total") + " MiB"})
-  for batching in ("map", "vmap"):
-    config, _ = simulation_config(dataclasses.replace(case, seed_batching=batching))
+  for batching, hessian in (("map", "carried"), ("vmap", "carried"), ("map", "fresh")):
+    config, _ = simulation_config(dataclasses.replace(case, seed_batching=batching,
+                                                      erm_hessian=hessian))
     states = jax.eval_shape(lambda: simulate.init_states(config, instances, n_seeds))
     kernel = simulate.make_chunk_kernel(config, horizon)
     start = time.perf_counter()
@@ -878,7 +883,8 @@ def memory_mode(args) -> None:
                stats.alias_size_in_bytes + stats.temp_size_in_bytes) / mib
     except Exception as err:  # noqa: BLE001 (report, do not fail the benchmark)
       note, value = f"compile failed: {type(err).__name__}: {str(err)[:200]}", float("nan")
-    rows.append({"item": f"XLA kernel, {batching}: args + outputs - aliased + temp",
+    rows.append({"item": f"XLA kernel, {batching}, {hessian} Hessian: args + outputs - "
+                         f"aliased + temp",
                  "per_seed": "-", "mib": value, "note": note})
     print(rows[-1]["item"], rows[-1]["note"], flush=True)
   meta = {"machine": machine_info(), "mode": "memory", "case": dataclasses.asdict(case),
