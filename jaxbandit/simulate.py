@@ -351,6 +351,30 @@ def resolve_batching(config: SimulationConfig) -> str:
   return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
+def _map_in_place(fn, states):
+  """``fn(i, states[i]) -> (state, records)`` for each i in turn, updating ``states`` in place.
+
+  Like ``lax.map`` over the leading axis, but the states are a loop carry
+  written back row by row (``dynamic_update_slice``), so XLA updates the
+  donated buffers in place instead of stacking a second copy of every
+  seed's state (data buffer, regret cache, carried inverse Hessian) as the
+  loop's output. Records are preallocated and filled the same way.
+  """
+  n = jax.tree_util.tree_leaves(states)[0].shape[0]
+  first = jax.tree_util.tree_map(lambda x: x[0], states)
+  _, record_shapes = jax.eval_shape(fn, 0, first)
+  records = jax.tree_util.tree_map(lambda r: jnp.zeros((n,) + r.shape, r.dtype), record_shapes)
+
+  def body(i, carry):
+    states, records = carry
+    state, record = fn(i, jax.tree_util.tree_map(lambda x: x[i], states))
+    put = lambda stacked, value: jax.lax.dynamic_update_index_in_dim(stacked, value, i, 0)
+    return (jax.tree_util.tree_map(put, states, state),
+            jax.tree_util.tree_map(put, records, record))
+
+  return jax.lax.fori_loop(0, n, body, (states, records))
+
+
 @functools.lru_cache(maxsize=32)
 def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 1):
   """``jit(vmap_populations(vmap_seeds(run_rounds)))`` for chunks of ``n_rounds``.
@@ -380,11 +404,12 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
   else:  # "map": one after another, each loop and branch doing only its own work
 
     def over_seeds(instance, params, keys, states):
-      return jax.lax.map(lambda ks: one_seed(instance, params, *ks), (keys, states))
+      return _map_in_place(lambda i, state: one_seed(instance, params, keys[i], state), states)
 
     def over_populations(instances, params, keys, states):
-      return jax.lax.map(lambda ips: over_seeds(ips[0], ips[1], keys, ips[2]),
-                         (instances, params, states))
+      pick = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)
+      return _map_in_place(
+          lambda i, state: over_seeds(pick(instances, i), pick(params, i), keys, state), states)
   if n_devices > 1:
     from jax.sharding import Mesh, PartitionSpec
 
@@ -428,8 +453,11 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
   per_seed = (config.horizon * row + 12 * n_contexts * n_users + 8 * n_params +
               4 * n_solver)
   lanes = n_populations * n_seeds
+  # 'map' updates the donated states in place; under 'vmap' XLA may hold an
+  # input and an output copy.
+  copies = 1 if resolve_batching(config) == "map" else 2
   estimate = {
-      "state": lanes * per_seed * 2,  # the kernel's input and output copies
+      "state": lanes * per_seed * copies,
       "records_host": lanes * config.horizon * 9 * 4 * 2,  # chunks + their concatenation
       "records_device": lanes * chunk_size * 9 * 4,
       "truth": n_populations * 4 * n_contexts * n_users * (n_actions + 4),

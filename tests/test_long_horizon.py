@@ -75,7 +75,8 @@ def test_run_too_big_for_memory_is_refused_up_front(small_instance, monkeypatch)
   small = sim.estimate_memory_bytes(config, 1, 1, 2, 3, 4, 1, 1000)
   double = sim.estimate_memory_bytes(config, 1, 1, 2, 3, 4, 2, 1000)
   row_bytes = 4 * (2 + 2 + 1) + 1  # context, user, 2 slate items, outcome (int32) + mask
-  assert double["state"] - small["state"] >= 2 * 100_000 * row_bytes
+  # One more seed holds at least one more buffer (the 'map' kernel updates states in place).
+  assert double["state"] - small["state"] >= 100_000 * row_bytes
   assert "512" in str(err.value)
 
 
