@@ -34,6 +34,11 @@ Newton decrement ``lambda^2 = g^T Hess^{-1} g`` satisfies
 mean loss), within ``max_iterations``. The solver never raises inside ``jit``:
 it reports ``converged``, the iterations used and the final gradient norm.
 
+:func:`fit_erm_carried` reaches the same minimiser under the same stopping
+rule from a carried inverse Hessian (Woodbury update per new observation,
+BFGS update per step), so a warm refit usually needs a few gradients and no
+Hessian; the simulator uses it by default (``erm_hessian='carried'``).
+
 Default ``ridge = 1.0``: the ERM then exists and is unique for any data,
 separable or not. With ``ridge = 0`` the minimiser exists only for
 non-separable data; the Newton system is then damped by ``1e-6`` for stability
@@ -661,8 +666,10 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
 
   Args:
     model, choice_model, params_init, data, ridge, tol, max_iterations,
-      max_chord_steps, max_backtracks, block_size, n_rows: as in :func:`fit_erm`
-      (``data`` already holds the new observation).
+      max_backtracks, block_size, n_rows: as in :func:`fit_erm` (``data``
+      already holds the new observation).
+    max_chord_steps: most quasi-Newton steps before the Newton fallback, and
+      the fallback's chord steps per Hessian (static).
     carry: the :class:`HessianCarry` of the previous refit.
     new_observation: ``(context, user, slate (K,), outcome (m,))`` of the
       observation added since the previous refit.
