@@ -354,25 +354,20 @@ def resolve_batching(config: SimulationConfig) -> str:
 def _map_in_place(fn, states):
   """``fn(i, states[i]) -> (state, records)`` for each i in turn, updating ``states`` in place.
 
-  Like ``lax.map`` over the leading axis, but the states are a loop carry
-  written back row by row (``dynamic_update_slice``), so XLA updates the
-  donated buffers in place instead of stacking a second copy of every
+  Like ``lax.map`` over the leading axis, but the states are the scan's carry,
+  written back row by row (``dynamic_update_index_in_dim``), so XLA updates
+  the donated buffers in place instead of stacking a second copy of every
   seed's state (data buffer, regret cache, carried inverse Hessian) as the
-  loop's output. Records are preallocated and filled the same way.
+  loop's output. The records are the scan's stacked outputs.
   """
   n = jax.tree_util.tree_leaves(states)[0].shape[0]
-  first = jax.tree_util.tree_map(lambda x: x[0], states)
-  _, record_shapes = jax.eval_shape(fn, 0, first)
-  records = jax.tree_util.tree_map(lambda r: jnp.zeros((n,) + r.shape, r.dtype), record_shapes)
 
-  def body(i, carry):
-    states, records = carry
+  def body(states, i):
     state, record = fn(i, jax.tree_util.tree_map(lambda x: x[i], states))
     put = lambda stacked, value: jax.lax.dynamic_update_index_in_dim(stacked, value, i, 0)
-    return (jax.tree_util.tree_map(put, states, state),
-            jax.tree_util.tree_map(put, records, record))
+    return jax.tree_util.tree_map(put, states, state), record
 
-  return jax.lax.fori_loop(0, n, body, (states, records))
+  return jax.lax.scan(body, states, jnp.arange(n))
 
 
 @functools.lru_cache(maxsize=32)
