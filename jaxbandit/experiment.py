@@ -92,14 +92,9 @@ class ExperimentConfig:
   instance_file: Optional[str] = None
 
   def simulation_config(self) -> sim.SimulationConfig:
-    return sim.SimulationConfig(
-        horizon=self.horizon, slate_size=self.slate_size, choice_model=self.choice_model,
-        top_m=self.top_m, model_class=self.model_class, slate_policy=self.slate_policy,
-        erm_tol=self.erm_tol, erm_max_iterations=self.erm_max_iterations,
-        record_kl=self.record_kl, seed_batching=self.seed_batching,
-        regret_evaluation=self.regret_evaluation, rescore_budget=self.rescore_budget,
-        data_layout=self.data_layout, erm_block_size=self.erm_block_size,
-        erm_hessian=self.erm_hessian)
+    """The static :class:`simulate.SimulationConfig`: every one of its fields, taken from here."""
+    return sim.SimulationConfig(**{field.name: getattr(self, field.name)
+                                   for field in dataclasses.fields(sim.SimulationConfig)})
 
   def validate(self) -> "ExperimentConfig":
     """Checks every field on the host, before anything compiles."""
