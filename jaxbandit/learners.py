@@ -215,12 +215,22 @@ def true_parameters(model: ModelClass, instance: Instance) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def _scores_of(model: ModelClass, params: jax.Array, features: jax.Array) -> jax.Array:
+  """Scores of every user for feature rows (..., A, q): (..., U, A).
+
+  Latent-first, ``e_i^T (Theta f)``, when the embedding is shorter than the
+  features (m (q + U) products per action instead of U q); otherwise through
+  the user vectors ``w_i = Theta^T e_i``.
+  """
+  if not model.per_user and model.embedding.shape[1] < params.shape[1]:
+    projected = jnp.einsum("...aq,mq->...ma", features, params)
+    return jnp.einsum("um,...ma->...ua", model.embedding, projected)
+  return jnp.einsum("...aq,uq->...ua", features, user_vectors(model, params))
+
+
 def scores(model: ModelClass, params: jax.Array) -> jax.Array:
   """Estimated scores for every cell, (n_contexts, n_users, n_actions)."""
-  if model.per_user:
-    return jnp.einsum("caq,uq->cua", model.features, params)
-  projected = jnp.einsum("caq,mq->cam", model.features, params)
-  return jnp.einsum("um,cam->cua", model.embedding, projected)
+  return _scores_of(model, params, model.features)
 
 
 def cell_scores(model: ModelClass, params: jax.Array, context, user) -> jax.Array:
@@ -777,8 +787,9 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
   V.positive_float("tol", tol)
   V.positive_int("max_iterations", max_iterations)
   shape = model.param_shape
-  feature_norm = jnp.max(jnp.linalg.norm(model.features, axis=-1), axis=-1)  # (C,)
-  if model.outer_factors is not None:
+  if model.outer_factors is None:
+    feature_norm = jnp.max(jnp.linalg.norm(model.features, axis=-1), axis=-1)  # (C,)
+  else:
     action_norm = jnp.max(jnp.linalg.norm(model.outer_factors[1], axis=-1), axis=-1)  # (C,)
 
   def init():
@@ -809,12 +820,8 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
     moved = jnp.einsum("ci,uij->cuj", contexts, change.reshape(-1, d, d))
     return action_norm[:, None] * jnp.linalg.norm(moved, axis=-1)
 
-  latent_first = not model.per_user and model.embedding.shape[1] < shape[1]
-
   def context_scores(params, context):
-    if latent_first:  # e_i^T (Theta f): m (q + U) A products instead of U q A
-      return model.embedding @ (params @ model.features[context].T)
-    return user_vectors(model, params) @ model.features[context].T
+    return _scores_of(model, params, model.features[context])
 
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),

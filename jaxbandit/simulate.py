@@ -327,7 +327,7 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
       if learner.fits_in_blocks and uses_erm_blocks(config):
         blocks = dict(block_size=config.erm_block_size, n_rows=state.round + 1)
     solver = state.solver
-    if carried and isinstance(solver, learners_lib.HessianCarry):
+    if carried:
       fit, solver = learner.fit_carried(state.params, solver, fit_data,
                                         (context, user, slate, outcome), params.ridge, **blocks)
     else:
