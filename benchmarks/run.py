@@ -165,6 +165,11 @@ def simulation_config(case: Case):
 # ---------------------------------------------------------------------------
 
 
+def gradient_flops(n_buffer, n_users, q, m, slate_size):
+  """Analytic flops of one ERM gradient over ``n_buffer`` rows (the module docstring's G(n))."""
+  return n_buffer * (2 * m * q + 4 * slate_size * q + q) + 2 * n_users * m * q
+
+
 def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps):
   """Analytic flops of one warm-started refit (see the module docstring).
 
@@ -173,7 +178,7 @@ def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps):
   iterations = np.asarray(iterations, np.float64)
   k = slate_size
   p = m * q
-  gradient = n_buffer * (2 * m * q + 4 * k * q + q) + 2 * n_users * m * q
+  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
   gradient_hessian = (gradient + n_buffer * (2 * k * k * q + 2 * k * q * q + q * q) +
                       2 * m * m * n_users * q * q)
   objective = n_buffer * (2 * m * q + 2 * k * q)
@@ -196,7 +201,7 @@ def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations):
   """
   iterations = np.asarray(iterations, np.float64)
   k, p = slate_size, m * q
-  gradient = n_buffer * (2 * m * q + 4 * k * q + q) + 2 * n_users * m * q
+  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
   woodbury = 4.0 * k * p * p
   step = gradient + 2.0 * p * p + 8.0 * p * p
   return woodbury + gradient + iterations * step
