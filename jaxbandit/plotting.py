@@ -16,6 +16,13 @@ POPULATION_COLOURS = {10: "#1b9e77", 50: "#d95f02", 100: "#7570b3"}
 _FALLBACK = plt.get_cmap("tab10")
 
 
+def save_figure(fig, out_png: str) -> None:
+  """Writes ``out_png`` and, for a .png name, the same figure as .pdf beside it."""
+  fig.savefig(out_png)
+  if out_png.endswith(".png"):
+    fig.savefig(out_png[:-4] + ".pdf")
+
+
 def colour_for(n_users: int, index: int = 0):
   return POPULATION_COLOURS.get(int(n_users), _FALLBACK(index % 10))
 
@@ -49,8 +56,7 @@ def cumulative_regret_figure(curves_csv: str, out_png: str, title: str = "",
   ax.grid(alpha=0.3)
   ax.legend(title="mean, 95% band", frameon=False)
   fig.tight_layout()
-  fig.savefig(out_png)
-  fig.savefig(out_png[:-4] + ".pdf") if out_png.endswith(".png") else None
+  save_figure(fig, out_png)
   plt.close(fig)
 
 
@@ -77,7 +83,5 @@ def sweep_figure(rows, parameter: str, out_png: str, title: str = "") -> None:
   ax.grid(alpha=0.3)
   ax.legend(title="mean, 95% interval", frameon=False)
   fig.tight_layout()
-  fig.savefig(out_png)
-  if out_png.endswith(".png"):
-    fig.savefig(out_png[:-4] + ".pdf")
+  save_figure(fig, out_png)
   plt.close(fig)

@@ -273,9 +273,9 @@ def _write(out_dir: str, summary: dict, key_names: Sequence[str], rows: list,
 
 
 def _save(fig, out_png: str) -> None:
-  fig.savefig(out_png)
-  if out_png.endswith(".png"):
-    fig.savefig(out_png[:-4] + ".pdf")
+  from jaxbandit import plotting
+
+  plotting.save_figure(fig, out_png)
 
 
 def _plot_curve(ax, band, colour, label, linestyle="-"):
