@@ -7,6 +7,13 @@ import dataclasses
 from jaxbandit import validation as V
 from jaxbandit.experiment import ExperimentConfig
 
+# The small instance three science experiments share (docs/experiments.md): with the
+# same problem seed and sizes they accept the same instance.
+_SMALL_INSTANCE = dict(populations=(5,), n_contexts=4, n_actions=8, dim=2, latent_dim=4,
+                       reward_scale=3.0, problem_seed=1000, min_gap=0.2,
+                       choice_model="bradley_terry", model_class="known_heads", beta=1.0,
+                       ridge=1.0)
+
 PRESETS = {
     "paper-users": (
         "P1's experiment: U in {10, 50, 100} users, d=5, J=10, 100 contexts x 100 actions, "
@@ -45,29 +52,20 @@ PRESETS = {
     "offline-sample-complexity": (
         "science: P(G(R_hat_n) > 0) and E G(R_hat_n) after n i.i.d. reference slates, "
         "diverse vs rank-deficient heads, exponential decay rate with a bootstrap interval",
-        ExperimentConfig(name="offline-sample-complexity", populations=(5,), n_contexts=4,
-                         n_actions=8, dim=2, latent_dim=4, reward_scale=3.0,
-                         problem_seed=1000, min_gap=0.2, horizon=2500, n_seeds=32,
-                         slate_policy="reference", choice_model="bradley_terry",
-                         model_class="known_heads", beta=1.0, ridge=1.0),
+        ExperimentConfig(name="offline-sample-complexity", **_SMALL_INSTANCE, horizon=2500,
+                         n_seeds=32, slate_policy="reference"),
     ),
     "temperature-zero-vs-kl": (
         "science: cumulative temperature-zero regret vs KL-regularised regret of the "
         "training policy on the same runs, beta in {0.1, 1} (one compile)",
-        ExperimentConfig(name="temperature-zero-vs-kl", populations=(5,), n_contexts=4,
-                         n_actions=8, dim=2, latent_dim=4, reward_scale=3.0,
-                         problem_seed=1000, min_gap=0.2, horizon=1500, n_seeds=16,
-                         slate_policy="current_reference", choice_model="bradley_terry",
-                         model_class="known_heads", record_kl=True, beta=1.0, ridge=1.0),
+        ExperimentConfig(name="temperature-zero-vs-kl", **_SMALL_INSTANCE, horizon=1500,
+                         n_seeds=16, slate_policy="current_reference", record_kl=True),
     ),
     "personalized-vs-pooled": (
         "science: known-heads, per-user bilinear and pooled exact ERM on one instance "
         "(current+reference slates), curves and growth verdicts side by side",
-        ExperimentConfig(name="personalized-vs-pooled", populations=(5,), n_contexts=4,
-                         n_actions=8, dim=2, latent_dim=4, reward_scale=3.0,
-                         problem_seed=1000, min_gap=0.2, horizon=1500, n_seeds=16,
-                         slate_policy="current_reference", choice_model="bradley_terry",
-                         model_class="known_heads", beta=1.0, ridge=1.0),
+        ExperimentConfig(name="personalized-vs-pooled", **_SMALL_INSTANCE, horizon=1500,
+                         n_seeds=16, slate_policy="current_reference"),
     ),
 }
 
