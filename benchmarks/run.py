@@ -40,12 +40,16 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
     C contexts, A actions, U users, d features, q = d^2, m = J (latent dim),
     P = m q parameters, K = 2 slate size, n = data-buffer rows = horizon T.
 
-    regret (per round)  cells_scored * A * 2q   (+ 2 U m q for the user vectors);
-        a full evaluation with m < q scores latent-first: C A 2m (q + U)
-        cells_scored = C*U for a full evaluation ('full', or 'incremental' when
-        more than rescore_budget cells are dirty), rescore_budget when
-        0 < dirty <= budget (the partial branch always scores `budget` rows),
-        0 when no cell is dirty.
+    regret (per round)  scores are <g, a> with the query g = W_i^T x (d numbers):
+        queries Q = 2 C U d^2 + 2 U m q (user matrices, then every cell's g);
+        'full':        Q + C U A 2d (every cell, every action);
+        'incremental': 2Q (the query and its move since the reference)
+                       + C U K 2d (K = regret_candidates scores per cell)
+                       + cells_scored * A 5d (a re-scored cell's scores and
+                       its actions' distances to the greedy one), with
+        cells_scored = C*U for a full evaluation (more than rescore_budget
+        cells due), the tier size (rescore_budget / 8 or rescore_budget: a
+        tier always scores its size) when some are due, 0 otherwise.
     ERM gradient        G(n) = n (2mq + 4Kq + q) + 2 U m q
         (user vector of each datum 2mq, utilities 2Kq, F^T grad 2Kq, segment sum q)
     ERM gradient+Hessian  H(n) = G(n) + n (2K^2 q + 2K q^2 + q^2) + 2 m^2 U q^2
@@ -207,17 +211,18 @@ def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations):
   return woodbury + gradient + iterations * step
 
 
-def regret_flops(cells_scored, n_contexts, n_actions, n_users, q, m):
-  """Analytic flops of scoring ``cells_scored`` (context, user) cells over every action.
+def regret_flops(cells_scored, n_contexts, n_actions, n_users, d, q, m, candidates=None):
+  """Analytic flops of one round's regret (the module docstring's formula).
 
-  A full evaluation (every cell) scores latent-first when m < q: per context
-  ``Theta F^T`` (2 m q A) then the users' embeddings (2 U m A).
+  ``candidates=None`` is the 'full' evaluation; otherwise the incremental
+  cache with that many candidates per cell re-scoring ``cells_scored`` cells.
   """
   cells = np.asarray(cells_scored, np.float64)
-  one_by_one = cells * n_actions * 2 * q + 2 * n_users * m * q
-  latent = n_contexts * n_actions * 2.0 * m * (q + n_users)
-  full = np.minimum(one_by_one, latent) if m < q else one_by_one
-  return np.where(cells >= n_contexts * n_users, full, one_by_one)
+  queries = 2.0 * n_contexts * n_users * d * d + 2.0 * n_users * m * q
+  if candidates is None:
+    return queries + n_contexts * n_users * n_actions * 2.0 * d + 0 * cells
+  return (2 * queries + n_contexts * n_users * candidates * 2.0 * d +
+          cells * n_actions * 5.0 * d)
 
 
 def flops_per_seed_round(case: Case, records, config) -> dict:
@@ -228,12 +233,17 @@ def flops_per_seed_round(case: Case, records, config) -> dict:
   q, m = case.dim**2, case.latent_dim
   all_cells = case.n_contexts * case.n_users
   rescored = np.asarray(records.rescored_cells)
+  d = case.dim
   if config.regret_evaluation == "full":
-    cells = np.full(rescored.shape, all_cells, np.float64)
+    regret = regret_flops(all_cells, case.n_contexts, case.n_actions, case.n_users, d, q, m)
+    regret = np.full(rescored.shape, regret)
   else:
+    budget = min(config.rescore_budget, all_cells)
+    small = max(budget // 8, 1)
     cells = np.where(rescored >= all_cells, all_cells,
-                     np.where(rescored > 0, min(config.rescore_budget, all_cells), 0))
-  regret = regret_flops(cells, case.n_contexts, case.n_actions, case.n_users, q, m)
+                     np.where(rescored > small, budget, np.where(rescored > 0, small, 0)))
+    regret = regret_flops(cells, case.n_contexts, case.n_actions, case.n_users, d, q, m,
+                          min(config.regret_candidates, case.n_actions))
   if config.erm_hessian == "carried":
     erm = carried_erm_flops(case.horizon, case.n_users, q, m, config.slate_size,
                             np.asarray(records.erm_iterations))
@@ -245,7 +255,7 @@ def flops_per_seed_round(case: Case, records, config) -> dict:
       "erm_flops": float(erm.mean()),
       "total_flops": float(regret.mean() + erm.mean()),
       "full_regret_flops": float(regret_flops(all_cells, case.n_contexts, case.n_actions,
-                                              case.n_users, q, m)),
+                                              case.n_users, case.dim, q, m)),
       "mean_erm_iterations": float(np.mean(records.erm_iterations)),
       "mean_rescored_cells": float(np.mean(rescored)),
       "full_evaluation_fraction": float(np.mean(rescored >= all_cells)),
@@ -740,22 +750,30 @@ def breakdown_mode(args) -> None:
   assemble_f = 2.0 * m * m * case.n_users * q * q
   cells = case.n_contexts * case.n_users
   budget = min(config.rescore_budget, cells)
+  n_candidates = min(config.regret_candidates, case.n_actions)
   hessian = jax.jit(lambda w: learners._gradient_hessian(model, choice_model, w, data, ridge))
   _, hess_matrix = hessian(params)
   converged = learner.fit(params, data, ridge).params
   components = [
-      ("regret: all cells, context-blocked (map path)",
-       jax.jit(lambda w: metrics.refresh_all(
-           truth, context_scores=lambda c: learner.context_scores(w, c)).cell_regret),
-       params, cells * case.n_actions * 2.0 * q),
-      ("regret: all cells, one (C,U,A) tensor (vmap path)",
-       jax.jit(lambda w: metrics.refresh_all(truth, learner.scores(w)).cell_regret),
-       params, 2.0 * case.n_contexts * case.n_actions * q * m +
-       cells * case.n_actions * 2.0 * m),
-      (f"regret: {budget} dirty cells (partial branch)",
-       jax.jit(lambda w: learner.cells_scores(
-           w, jnp.arange(budget) % case.n_contexts, jnp.arange(budget) % case.n_users)),
-       params, budget * case.n_actions * 2.0 * q),
+      ("regret: every cell, every action ('full')",
+       jax.jit(lambda w: metrics.factor_cell_regret(truth, learner.score_queries(w),
+                                                    learner.score_keys)),
+       params, float(regret_flops(cells, case.n_contexts, case.n_actions, case.n_users,
+                                  case.dim, q, m))),
+      (f"regret cache: full re-scoring (K={n_candidates})",
+       jax.jit(lambda w: metrics.rescore_all(truth, learner.score_queries(w),
+                                             learner.score_keys, n_candidates)),
+       params, cells * case.n_actions * 5.0 * case.dim),
+      (f"regret cache: {budget} due cells (large tier)",
+       jax.jit(lambda w: metrics.rescore_cells(
+           truth, jnp.arange(budget) % case.n_contexts, jnp.arange(budget) % case.n_users,
+           learner.score_queries(w), learner.score_keys, n_candidates)),
+       params, budget * case.n_actions * 5.0 * case.dim),
+      (f"regret cache: greedy among K={n_candidates} candidates, every cell",
+       jax.jit(lambda w: metrics.candidate_greedy(
+           learner.score_queries(w), learner.score_keys,
+           jnp.zeros((n_candidates, case.n_contexts, case.n_users), jnp.int16))),
+       params, cells * n_candidates * 2.0 * case.dim),
       ("ERM objective", jax.jit(lambda w: learners._objective(
           model, choice_model, w, data, ridge)), params, float(n * (2 * m * q + 2 * k * q))),
       ("ERM gradient (chord step)", jax.jit(lambda w: learners._gradient(
@@ -838,11 +856,13 @@ def memory_mode(args) -> None:
                    case.latent_dim)
   # Bradley-Terry rows: context, user (int32), slate (2 x int32), outcome (1 x int32), mask (bool).
   data_row = 4 + 4 + 2 * 4 + 1 * 4 + 1
-  cache = 3 * c * u * 4
+  n_candidates = min(simulate.SimulationConfig().regret_candidates, a)
+  cache = c * u * (4 + 2 * n_candidates)
   record = 8 * 4 + 1  # eight 4-byte fields and the bool converged flag
   items = [
       ("data buffer (horizon rows)", data_row * horizon, f"{data_row} B per row"),
-      ("regret cache 3 x C x U", cache, "greedy int32, cell regret, slack float32"),
+      ("regret cache (K+1) x C x U", cache, f"K={n_candidates} int16 candidates, radius "
+       "float32"),
       ("estimate Theta (m x q)", m * q * 4, ""),
       ("cache reference estimate (m x q)", m * q * 4, "the estimate of the last full evaluation"),
       ("carried inverse Hessian (mq x mq)", (m * q)**2 * 4, "erm_hessian='carried' (the "

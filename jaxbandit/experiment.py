@@ -45,8 +45,8 @@ class ExperimentConfig:
     chunk_size: rounds per compiled call (None: whole horizon).
     eps0: threshold of the bad-round count N_eps0 (None: eps_iso of each instance).
     first_seed: seed ids are first_seed .. first_seed + n_seeds - 1.
-    seed_batching, regret_evaluation, rescore_budget, data_layout,
-      erm_block_size, erm_hessian: see :class:`simulate.SimulationConfig`.
+    seed_batching, regret_evaluation, rescore_budget, regret_candidates,
+      data_layout, erm_block_size, erm_hessian: see :class:`simulate.SimulationConfig`.
     instance_file: a ``.npz`` holding a user-supplied instance (arrays
       ``contexts``, ``actions``, ``maps``, ``heads`` and optionally
       ``reward_scale``, ``context_weights``, ``user_weights``,
@@ -86,6 +86,7 @@ class ExperimentConfig:
   seed_batching: str = "auto"
   regret_evaluation: str = "incremental"
   rescore_budget: int = 512
+  regret_candidates: int = 8
   data_layout: str = "buffer"
   erm_block_size: int = 256
   erm_hessian: str = "carried"

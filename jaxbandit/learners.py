@@ -159,7 +159,8 @@ class ModelClass:
     name: the class name.
     outer_factors: for outer-product features ``f(x, a) = x (outer) a``, the
       factors ``(contexts (C, d), actions (C, A, d))``; None otherwise. They
-      give a tighter bound on how far scores move (``make_learner``).
+      make the regret's score factors d- rather than d^2-dimensional
+      (:func:`score_factors`).
   """
 
   embedding: jax.Array
@@ -745,14 +746,13 @@ class Learner(NamedTuple):
     fit: ``(params, data, ridge) -> ERMResult`` exact ERM warm-started at ``params``.
     scores: ``(params) -> (n_contexts, n_users, n_actions)`` estimated scores.
     cell_scores: ``(params, context, user) -> (n_actions,)``.
-    cells_scores: optional ``(params, contexts (B,), users (B,)) -> (B, n_actions)``.
-    score_drift_bound: optional ``(params_old, params_new) -> (n_contexts, n_users)``,
-      an upper bound on ``max_a |R_new(x, a, i) - R_old(x, a, i)|`` per cell. With
-      both optional fields the simulator can keep the exact population regret
-      up to date by re-scoring only the cells whose greedy action may have
-      changed (``regret_evaluation='incremental'``).
-    context_scores: optional ``(params, context) -> (n_users, n_actions)``,
-      used to evaluate every cell one context at a time on CPU.
+    score_queries: optional ``(params) -> (n_contexts, n_users, r)``, linear in
+      ``params``, with ``score_keys`` (n_contexts, n_actions, r): scores are
+      ``R(x_c, a, i) = <queries[c, i], score_keys[c, a]>``. With both the
+      simulator keeps the exact population regret through
+      ``metrics.RegretCache`` (``regret_evaluation='incremental'``) and scores
+      every cell through them otherwise.
+    score_keys: optional (n_contexts, n_actions, r) action keys.
     fits_in_blocks: ``fit`` accepts ``block_size=`` and ``n_rows=`` (see
       :func:`fit_erm`), so a buffer filled to t rows costs O(t).
     init_carry: optional ``() -> carry``, solver state handed from refit to refit.
@@ -767,9 +767,8 @@ class Learner(NamedTuple):
   fit: Callable
   scores: Callable
   cell_scores: Callable
-  cells_scores: Optional[Callable] = None
-  score_drift_bound: Optional[Callable] = None
-  context_scores: Optional[Callable] = None
+  score_queries: Optional[Callable] = None
+  score_keys: Optional[jax.Array] = None
   fits_in_blocks: bool = False
   init_carry: Optional[Callable] = None
   fit_carried: Optional[Callable] = None
@@ -780,16 +779,29 @@ def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
   return params if model.per_user else model.embedding @ params
 
 
+def score_factors(model: ModelClass, params: jax.Array):
+  """Queries (C, U, r) and keys (C, A, r) with ``scores = <queries, keys>`` (r small).
+
+  Outer-product features ``f(x, a) = x (outer) a`` give ``<w_i, f(x, a)> =
+  a^T (W_i^T x)``: the query is ``W_i^T x_c`` and the key the action (r = d
+  instead of q = d^2). Otherwise the query is the user vector ``w_i`` and the
+  key the feature row (r = q).
+  """
+  weights = user_vectors(model, params)  # (U, q)
+  if model.outer_factors is not None:
+    contexts, actions = model.outer_factors
+    d = contexts.shape[-1]
+    return jnp.einsum("ci,uij->cuj", contexts, weights.reshape(-1, d, d)), actions
+  n_contexts = model.features.shape[0]
+  return jnp.broadcast_to(weights[None], (n_contexts,) + weights.shape), model.features
+
+
 def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1e-12,
                  max_iterations: int = 30) -> Learner:
   """Greedy exact-ERM learner over a convex :class:`ModelClass`."""
   V.positive_float("tol", tol)
   V.positive_int("max_iterations", max_iterations)
   shape = model.param_shape
-  if model.outer_factors is None:
-    feature_norm = jnp.max(jnp.linalg.norm(model.features, axis=-1), axis=-1)  # (C,)
-  else:
-    action_norm = jnp.max(jnp.linalg.norm(model.outer_factors[1], axis=-1), axis=-1)  # (C,)
 
   def init():
     return jnp.zeros(shape, jnp.float32)
@@ -803,26 +815,10 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
                            tol=tol, max_iterations=max_iterations, block_size=block_size,
                            n_rows=n_rows)
 
-  def cells_scores(params, contexts, users):
-    weights = user_vectors(model, params)[users]  # (B, q)
-    return jnp.einsum("baq,bq->ba", model.features[contexts], weights)
-
-  def score_drift_bound(params_old, params_new):
-    change = user_vectors(model, params_new - params_old)  # (U, q)
-    if model.outer_factors is None:
-      # |<dw, f(x, a)>| <= ||dw|| * max_a ||f(x, a)|| (Cauchy-Schwarz).
-      return feature_norm[:, None] * jnp.linalg.norm(change, axis=-1)[None, :]
-    # f(x, a) = x (outer) a, so <dw, f(x, a)> = a^T (dW^T x) with dW the (d, d)
-    # reshape of dw: |.| <= ||dW^T x|| * max_a ||a||, per (context, user).
-    contexts, actions = model.outer_factors
-    d = contexts.shape[-1]
-    moved = jnp.einsum("ci,uij->cuj", contexts, change.reshape(-1, d, d))
-    return action_norm[:, None] * jnp.linalg.norm(moved, axis=-1)
-
-  def context_scores(params, context):
-    return _scores_of(model, params, model.features[context])
+  def score_queries(params):
+    return score_factors(model, params)[0]
 
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),
-                 cells_scores, score_drift_bound, context_scores, True,
+                 score_queries, score_factors(model, jnp.zeros(shape, jnp.float32))[1], True,
                  lambda: empty_hessian_carry(model), fit_carried)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbandit.instance import first_maximiser, greedy_actions
+from jaxbandit.instance import greedy_actions
 
 
 class TruthTables(NamedTuple):
@@ -81,142 +81,232 @@ def kl_regularized_regret(truth: TruthTables, estimated_scores, beta) -> jax.Arr
 
 
 # ---------------------------------------------------------------------------
-# Incremental exact regret
+# Exact regret through score factors: every cell, or a candidate cache
 # ---------------------------------------------------------------------------
+#
+# A learner whose scores are inner products R(x_c, a, i) = <g_ci, k_ca> of a
+# per-cell query g (C, U, r), linear in its parameters, and a fixed per-action
+# key k (C, A, r) (for bilinear models r = d: g = W_i^T x_c, k = a) lets the
+# regret be evaluated exactly at a fraction of the cost of scoring every
+# (cell, action) in every round.
+
+
+def factor_scores(queries: jax.Array, keys: jax.Array) -> jax.Array:
+  """Scores ``<queries, keys>`` over the last axis, broadcast over the others.
+
+  Written as an explicit sum over the (short) factor axis in a fixed order,
+  so the same (query, key) pair gets the same float32 score whichever path
+  (every cell, a few cells, the candidates) evaluates it.
+  """
+  total = queries[..., 0] * keys[..., 0]
+  for j in range(1, queries.shape[-1]):
+    total = total + queries[..., j] * keys[..., j]
+  return total
+
+
+def _index_bits(n_actions: int) -> int:
+  return max(1, (n_actions - 1).bit_length())
+
+
+def _rescore(scores, support, keys, best_keys_of, query_norm, key_norm, n_candidates):
+  """Greedy action, candidate set and safe radius of score columns.
+
+  Args:
+    scores: (A, *N) estimated scores of cells of shape N (actions on the
+      leading axis, so every reduction below runs across cells in SIMD lanes).
+    support: the decision set, broadcastable to (A, *N).
+    keys: the action keys, broadcastable to (A, *N, r).
+    best_keys_of: ``(*N) int32 first-maximiser index -> (*N, r)`` keys of it.
+    query_norm: (*N) ``||g||``; key_norm: ``max_a ||k_a||`` broadcastable to N.
+    n_candidates: K, static.
+
+  Returns:
+    ``(candidates (K, *N) int32, radius (*N))``: slot 0 is the first maximiser
+    a*; slots 1.. are the K - 1 actions that a move of the query could bring
+    level with a* soonest, i.e. smallest ``(R(a*) - R(b)) / ||k_b - k_a*||``;
+    ``radius`` is that ratio's minimum over every other supported action,
+    less a float32 rounding allowance. While the query moves by less than
+    ``radius`` (Euclidean norm), no action outside the candidates can reach
+    a*'s score: ``R'(b) - R'(a*) = -(R(a*) - R(b)) + <g' - g, k_b - k_a*>``.
+  """
+  n_actions = scores.shape[0]
+  masked = jnp.where(support, scores, -jnp.inf)
+  top = jnp.max(masked, axis=0)  # (*N)
+  index = jnp.arange(n_actions, dtype=jnp.int32).reshape((-1,) + (1,) * (scores.ndim - 1))
+  best = jnp.min(jnp.where(masked == top[None], index, n_actions), axis=0)  # (*N)
+  best_keys = best_keys_of(best)  # (*N, r)
+  distance = jnp.sqrt(sum((keys[..., j] - best_keys[None, ..., j])**2
+                          for j in range(keys.shape[-1])))  # (A, *N)
+  # Two float32 evaluations of a score differ by a few ulps of |g| max ||k||.
+  allowance = 1e-5 * (1.0 + query_norm * key_norm)
+  ratio = jnp.where(distance > 0, (top[None] - masked - allowance[None]) /
+                    (distance * (1.0 + 1e-6)), jnp.inf)
+  ratio = jnp.where(support, ratio, jnp.inf)  # off the support: never greedy
+  # Selection key: the ratio's float bits with the action index in the low
+  # bits (the ratio only orders the candidates; the radius uses it exactly).
+  bits = _index_bits(n_actions)
+  code = jax.lax.bitcast_convert_type(jnp.maximum(ratio, 0.0), jnp.int32)
+  code = (code & ~((1 << bits) - 1)) | index
+  taken = jnp.iinfo(jnp.int32).max
+  code = jnp.where(index == best[None], taken, code)
+  chosen = [best]
+  for _ in range(n_candidates - 1):
+    low = jnp.min(code, axis=0)
+    chosen.append(low & ((1 << bits) - 1))
+    code = jnp.where(code == low[None], taken, code)
+  radius = jnp.min(jnp.where(code == taken, jnp.inf, ratio), axis=0)
+  # With fewer than K supported actions the last slots hold unsupported ones:
+  # they repeat a* instead, so choosing among candidates needs no support mask.
+  supported = jnp.take_along_axis(jnp.broadcast_to(support, masked.shape),
+                                  jnp.stack(chosen), axis=0)
+  return jnp.where(supported, jnp.stack(chosen), best[None]).astype(jnp.int32), radius
 
 
 class RegretCache(NamedTuple):
-  """Per-cell greedy decisions of the current estimate, kept exact between rounds.
+  """What keeps the exact population regret cheap between rounds (one seed).
 
-  A cell's greedy action cannot change while every score moves by less than
-  half its margin (best minus second-best estimated score). Drift is measured
-  from one *reference* estimate (the estimate of the last full evaluation)
-  rather than summed round by round: with ``D(a, b)`` the learner's bound on
-  how far any score of a cell moves between estimates ``a`` and ``b``,
-  ``D(scored, now) <= D(scored, ref) + D(ref, now)``. A cell scored at
-  ``scored`` keeps ``slack = margin - 2 D(scored, ref)`` (minus a float32
-  rounding allowance) and is re-scored only once ``slack <= 2 D(ref, now)``,
-  so the recorded regret equals the full re-scoring's. Estimates that wander
-  back and forth (as a refitted ERM does) cost the net distance from the
-  reference, not the path length.
+  Each cell keeps K candidate actions and a radius: while its query ``g``
+  stays within ``radius`` of where it was when the cell was last scored, its
+  greedy action is among the candidates, so the round's greedy action and
+  regret are exact from K scores instead of A. Distances are measured from
+  one *reference* estimate (the estimate of the last full evaluation); a
+  cell scored later at distance ``D`` from the reference keeps
+  ``radius - D`` (triangle inequality). A cell whose radius the query has
+  reached is re-scored (up to ``budget`` cells; more than that and every
+  cell is). See :func:`update_regret_cache`.
 
   Attributes:
-    greedy: (n_contexts, n_users) int32 greedy action of each cell.
-    cell_regret: (n_contexts, n_users) R*(best) - R*(greedy).
-    slack: (n_contexts, n_users) remaining slack; +inf for cells of zero weight,
-      -inf to force re-scoring.
+    candidates: (K, n_contexts, n_users) int16/int32 candidate actions, slot 0
+      the greedy action when the cell was scored (candidates lead, so that
+      choosing among them reduces across cells in SIMD lanes).
+    radius: (n_contexts, n_users) remaining radius; +inf for cells of zero
+      weight, -inf before the first scoring.
     reference: the reference estimate (the learner's parameter shape).
   """
 
-  greedy: jax.Array
-  cell_regret: jax.Array
-  slack: jax.Array
+  candidates: jax.Array
+  radius: jax.Array
   reference: jax.Array
 
 
-def empty_regret_cache(n_contexts: int, n_users: int, reference: jax.Array) -> RegretCache:
+def candidate_dtype(n_actions: int):
+  """The smallest integer type of the candidate table (int16 up to 32,767 actions)."""
+  return jnp.int16 if n_actions <= jnp.iinfo(jnp.int16).max else jnp.int32
+
+
+def empty_regret_cache(n_contexts: int, n_users: int, n_actions: int, n_candidates: int,
+                       reference: jax.Array) -> RegretCache:
   """A cache whose every cell must be scored before use (``reference``: any estimate)."""
   shape = (n_contexts, n_users)
-  return RegretCache(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32),
+  return RegretCache(jnp.zeros((n_candidates,) + shape, candidate_dtype(n_actions)),
                      jnp.full(shape, -jnp.inf, jnp.float32), jnp.asarray(reference))
 
 
-def _decide(scores, support, best_true, true_scores):
-  """Greedy action, margin, regret for score rows (..., A) with support rows (..., A)."""
-  masked = jnp.where(support, scores, -jnp.inf)
-  top, chosen = first_maximiser(masked)
-  index = jnp.arange(masked.shape[-1], dtype=jnp.int32).reshape(
-      (1,) * (masked.ndim - 1) + (-1,))
-  second = jnp.max(jnp.where(index == chosen[..., None], -jnp.inf, masked), axis=-1)
-  value = jnp.take_along_axis(true_scores, chosen[..., None], axis=-1)[..., 0]
-  # Rounding allowance: two float32 evaluations of one score may differ by a few ulps.
-  allowance = 1e-5 * (1.0 + jnp.abs(top))
-  margin = jnp.where(jnp.isfinite(second), top - second, jnp.inf) - allowance
-  return chosen, best_true - value, margin
+def _key_norms(keys):
+  return jnp.max(jnp.linalg.norm(keys, axis=-1), axis=-1)  # (C,)
 
 
-def refresh_all(truth: TruthTables, estimated_scores=None, context_scores=None,
-                reference=None) -> RegretCache:
-  """Scores every cell (the full evaluation).
-
-  Args:
-    truth: the :class:`TruthTables`.
-    reference: the estimate being scored (becomes the cache's reference; may
-      be None when only ``cell_regret`` is wanted).
-    estimated_scores: (C, U, A) scores, or None to use ``context_scores``.
-    context_scores: ``context -> (U, A)`` scores of one context; the cells are
-      then evaluated one context at a time (``lax.map``), which keeps each
-      block in cache and is about twice as fast on CPU.
-  """
-  if estimated_scores is not None:
-    chosen, regret, margin = _decide(estimated_scores, truth.support[:, None, :], truth.best,
-                                     truth.scores)
-  else:
-    def one_context(args):
-      context, support, best, true_scores = args
-      return _decide(context_scores(context), support[None, :], best, true_scores)
-
-    n_contexts = truth.support.shape[0]
-    chosen, regret, margin = jax.lax.map(
-        one_context, (jnp.arange(n_contexts), truth.support, truth.best, truth.scores))
-  slack = jnp.where(truth.weights > 0, margin, jnp.inf)
-  return RegretCache(chosen, regret, slack, reference)
+def rescore_all(truth: TruthTables, queries, keys, n_candidates: int):
+  """Candidates (K, C, U) and radii (C, U) of every cell."""
+  n_contexts = keys.shape[0]
+  by_action = jnp.swapaxes(keys, 0, 1)[:, :, None, :]  # (A, C, 1, r)
+  scores = factor_scores(queries[None], by_action)  # (A, C, U)
+  rows = jnp.arange(n_contexts)[:, None]
+  candidates, radius = _rescore(scores, truth.support.T[:, :, None], by_action,
+                                lambda best: keys[rows, best], jnp.linalg.norm(queries, axis=-1),
+                                _key_norms(keys)[:, None], n_candidates)
+  return candidates, jnp.where(truth.weights > 0, radius, jnp.inf)
 
 
-def refresh_cells(truth: TruthTables, cache: RegretCache, cells, cell_scores,
-                  drift) -> RegretCache:
-  """Re-scores the flat cell indices ``cells`` (B,) given their scores (B, n_actions).
-
-  ``drift`` (C, U) bounds how far each cell's scores are from the reference's.
-  """
-  n_users = truth.weights.shape[1]
-  contexts, users = cells // n_users, cells % n_users
-  chosen, regret, margin = _decide(cell_scores, truth.support[contexts],
-                                   truth.best[contexts, users], truth.scores[contexts, users])
-  slack = jnp.where(truth.weights[contexts, users] > 0,
-                    margin - 2.0 * drift[contexts, users], jnp.inf)
-  return cache._replace(greedy=cache.greedy.at[contexts, users].set(chosen),
-                        cell_regret=cache.cell_regret.at[contexts, users].set(regret),
-                        slack=cache.slack.at[contexts, users].set(slack))
+def rescore_cells(truth: TruthTables, contexts, users, queries, keys, n_candidates: int):
+  """Candidates (K, B) and radii (B,) of the cells ``(contexts (B,), users (B,))``."""
+  query = queries[contexts, users]  # (B, r)
+  key = jnp.swapaxes(keys[contexts], 0, 1)  # (A, B, r)
+  scores = factor_scores(query[None, :, :], key)  # (A, B)
+  candidates, radius = _rescore(
+      scores, truth.support[contexts].T, key,
+      lambda best: jnp.take_along_axis(key, best[None, :, None], axis=0)[0],
+      jnp.linalg.norm(query, axis=-1), _key_norms(keys)[contexts], n_candidates)
+  return candidates, jnp.where(truth.weights[contexts, users] > 0, radius, jnp.inf)
 
 
-def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, drift, all_scores,
-                        cells_scores, budget: int, context_scores=None):
-  """Brings the cache up to ``estimate``: nothing, the dirty cells (<= budget), or everything.
+def candidate_greedy(queries, keys, candidates) -> jax.Array:
+  """Greedy action of every cell among its candidates (K, C, U) (lowest index on ties), (C, U)."""
+  n_contexts, n_actions, n_factors = keys.shape
+  index = (jnp.arange(n_contexts, dtype=jnp.int32)[None, :, None] * n_actions +
+           candidates.astype(jnp.int32))  # (K, C, U) into the flattened (C * A) keys
+  flat_keys = keys.reshape(n_contexts * n_actions, n_factors).T  # (r, C * A)
+  # factor_scores' sum, one factor at a time: K scalar gathers instead of key rows.
+  scores = queries[None, :, :, 0] * flat_keys[0][index]
+  for j in range(1, n_factors):
+    scores = scores + queries[None, :, :, j] * flat_keys[j][index]
+  top = jnp.max(scores, axis=0)
+  return jnp.min(jnp.where(scores == top[None], candidates.astype(jnp.int32), n_actions),
+                 axis=0)
+
+
+def greedy_regret(truth: TruthTables, greedy) -> jax.Array:
+  """Per-cell regret ``R*(best) - R*(greedy)`` of greedy actions (C, U)."""
+  value = jnp.take_along_axis(truth.scores, greedy[..., None], axis=-1)[..., 0]
+  return truth.best - value
+
+
+def factor_cell_regret(truth: TruthTables, queries, keys) -> jax.Array:
+  """Per-cell regret of the greedy selector, every cell scored (C, U) (no cache)."""
+  n_actions = keys.shape[1]
+  scores = factor_scores(queries[None], jnp.swapaxes(keys, 0, 1)[:, :, None, :])  # (A, C, U)
+  scores = jnp.where(truth.support.T[:, :, None], scores, -jnp.inf)
+  top = jnp.max(scores, axis=0)
+  index = jnp.arange(n_actions, dtype=jnp.int32)[:, None, None]
+  return greedy_regret(truth, jnp.min(jnp.where(scores == top[None], index, n_actions), axis=0))
+
+
+def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, queries_of, keys,
+                        budget: int):
+  """Brings the cache up to ``estimate`` and returns the exact per-cell regret.
 
   Args:
     truth: the instance's :class:`TruthTables`.
     cache: the cache of an earlier estimate.
-    estimate: the current estimate (the reference after a full evaluation).
-    drift: (C, U) the learner's bound on ``max_a |R_estimate - R_reference|``
-      per cell (``Learner.score_drift_bound(cache.reference, estimate)``).
-    all_scores: ``() -> (C, U, A)`` full estimated scores (called only if needed).
-    cells_scores: ``(contexts (B,), users (B,)) -> (B, A)``.
-    context_scores: optional ``context -> (U, A)``; if given, the full
-      evaluation goes context by context instead of calling ``all_scores``.
-    budget: most cells re-scored individually before a full evaluation (static).
+    estimate: the current estimate.
+    queries_of: ``params -> (C, U, r)`` the learner's queries (linear in params).
+    keys: (C, A, r) the learner's action keys.
+    budget: most cells re-scored individually before every cell is (static).
 
   Returns:
-    ``(cache, rescored)``: the updated cache and how many cells were scored
-    (all ``n_contexts * n_users`` for a full evaluation).
+    ``(cache, cell_regret (C, U), rescored)``: the updated cache, the regret of
+    every cell's greedy action (equal to scoring every action of every cell;
+    0 for cells of zero weight, which are never re-scored) and how many cells
+    were re-scored this round (all for a full evaluation).
   """
-  dirty = cache.slack <= 2.0 * drift
+  n_candidates = cache.candidates.shape[0]
+  queries = queries_of(estimate)
+  moved = jnp.linalg.norm(queries_of(estimate - cache.reference), axis=-1)  # (C, U)
+  dirty = cache.radius <= moved
   n_dirty = jnp.sum(dirty)
   n_users = truth.weights.shape[1]
+  dtype = cache.candidates.dtype
 
-  def partial(cache):
-    cells = jnp.nonzero(dirty.reshape(-1), size=budget, fill_value=0)[0].astype(jnp.int32)
-    scores = cells_scores(cells // n_users, cells % n_users)
-    return refresh_cells(truth, cache, cells, scores, drift)
+  def partial(size):
+    def rescore(cache):
+      cells = jnp.nonzero(dirty.reshape(-1), size=size, fill_value=0)[0].astype(jnp.int32)
+      contexts, users = cells // n_users, cells % n_users
+      candidates, radius = rescore_cells(truth, contexts, users, queries, keys, n_candidates)
+      return cache._replace(
+          candidates=cache.candidates.at[:, contexts, users].set(candidates.astype(dtype)),
+          radius=cache.radius.at[contexts, users].set(radius - moved[contexts, users]))
+    return rescore
 
   def full(cache):
-    del cache
-    if context_scores is not None:
-      return refresh_all(truth, context_scores=context_scores, reference=estimate)
-    return refresh_all(truth, all_scores(), reference=estimate)
+    candidates, radius = rescore_all(truth, queries, keys, n_candidates)
+    return RegretCache(candidates.astype(dtype), radius, estimate)
 
-  cache = jax.lax.cond(
-      n_dirty > budget, full,
-      lambda c: jax.lax.cond(n_dirty > 0, partial, lambda c2: c2, c), cache)
+  # Most rounds need a few cells: a small tier keeps them from paying for `budget`.
+  small = max(budget // 8, 1)
+  branch = jnp.where(n_dirty == 0, 0, jnp.where(n_dirty <= small, 1,
+                                                jnp.where(n_dirty <= budget, 2, 3)))
+  cache = jax.lax.switch(branch, [lambda c: c, partial(small), partial(budget), full], cache)
+  regret = greedy_regret(truth, candidate_greedy(queries, keys, cache.candidates))
+  regret = jnp.where(truth.weights > 0, regret, 0.0)  # never re-scored: no weight
   rescored = jnp.where(n_dirty > budget, dirty.size, n_dirty).astype(jnp.int32)
-  return cache, rescored
+  return cache, regret, rescored

@@ -60,11 +60,17 @@ class SimulationConfig:
       floating-point tolerance.
     regret_evaluation: 'full' re-scores every (context, user, action) each
       round (always so with ``record_kl``, which needs every score anyway);
-      'incremental' keeps the same exact regret by re-scoring only cells
-      whose greedy action may have changed (see ``metrics.RegretCache``). It
-      saves work only with 'map' batching (under vmap both branches run).
+      'incremental' keeps the same exact regret from ``regret_candidates``
+      scores per cell, re-scoring every action of a cell only once the
+      estimate has moved far enough to bring a non-candidate level with its
+      greedy action (see ``metrics.RegretCache``). It saves most work with
+      'map' batching (under vmap both branches of the re-scoring run).
     rescore_budget: cells re-scored one by one before falling back to a full
       evaluation ('incremental' only).
+    regret_candidates: K candidate actions kept per cell ('incremental'
+      only; at most the number of actions). More candidates cost K scores
+      per cell per round but leave a larger radius before a cell must be
+      re-scored.
     data_layout: 'buffer' (one row per round: memory and ERM cost grow with the
       horizon) or 'table' (one weighted row per possible (context, user,
       slate, outcome): cost independent of the horizon; for small instances
@@ -94,6 +100,7 @@ class SimulationConfig:
   seed_batching: str = "auto"
   regret_evaluation: str = "incremental"
   rescore_budget: int = 512
+  regret_candidates: int = 8
   data_layout: str = "buffer"
   erm_block_size: int = 256
   erm_hessian: str = "carried"
@@ -108,6 +115,7 @@ class SimulationConfig:
     V.one_of("seed_batching", self.seed_batching, ("auto", "vmap", "map"))
     V.one_of("regret_evaluation", self.regret_evaluation, ("full", "incremental"))
     V.positive_int("rescore_budget", self.rescore_budget)
+    V.positive_int("regret_candidates", self.regret_candidates)
     V.one_of("data_layout", self.data_layout, ("buffer", "table"))
     V.non_negative_int("erm_block_size", self.erm_block_size)
     V.one_of("erm_hessian", self.erm_hessian, ("carried", "fresh"))
@@ -221,6 +229,11 @@ def buffer_capacity(config: SimulationConfig) -> int:
   return -(-config.horizon // block) * block if uses_erm_blocks(config) else config.horizon
 
 
+def regret_candidates(config: SimulationConfig, n_actions: int) -> int:
+  """Candidate actions per cell of the regret cache (at most ``n_actions``)."""
+  return min(config.regret_candidates, n_actions)
+
+
 def carries_hessian(config: SimulationConfig, learner: learners_lib.Learner) -> bool:
   """Whether refits use the learner's carried inverse Hessian (``erm_hessian='carried'``)."""
   return config.erm_hessian == "carried" and learner.fit_carried is not None
@@ -238,7 +251,9 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
         mask=jnp.zeros((rows,), jnp.float32))
   else:
     data = learners_lib.ChoiceData.empty(buffer_capacity(config), config.slate_size, n_ranked)
-  cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users, learner.init())
+  cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users, instance.n_actions,
+                                     regret_candidates(config, instance.n_actions),
+                                     learner.init())
   solver = learner.init_carry() if carries_hessian(config, learner) else ()
   return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache, solver)
 
@@ -281,25 +296,19 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     context = jax.random.categorical(key_context, log_context).astype(jnp.int32)
     user = jax.random.categorical(key_user, log_user).astype(jnp.int32)
 
-    blocked_scores = None
-    if resolve_batching(config) == "map" and learner.context_scores is not None:
-      blocked_scores = lambda c: learner.context_scores(state.params, c)
     # The KL regret needs every score anyway: then G is read off that same estimate.
     estimate = learner.scores(state.params) if config.record_kl else None
-    incremental = (config.regret_evaluation == "incremental" and not config.record_kl and
-                   learner.cells_scores is not None and learner.score_drift_bound is not None)
-    if incremental:
-      drift = learner.score_drift_bound(state.regret_cache.reference, state.params)
-      cache, rescored = metrics.update_regret_cache(
-          truth, state.regret_cache, state.params, drift, lambda: learner.scores(state.params),
-          lambda contexts, users: learner.cells_scores(state.params, contexts, users),
-          config.rescore_budget, context_scores=blocked_scores)
-      per_cell = cache.cell_regret
+    factored = learner.score_queries is not None and learner.score_keys is not None
+    cache = state.regret_cache
+    if factored and config.regret_evaluation == "incremental" and not config.record_kl:
+      cache, per_cell, rescored = metrics.update_regret_cache(
+          truth, cache, state.params, learner.score_queries, learner.score_keys,
+          config.rescore_budget)
     else:
-      cache = state.regret_cache
       rescored = jnp.asarray(truth.weights.size, jnp.int32)
-      if estimate is None and blocked_scores is not None:
-        per_cell = metrics.refresh_all(truth, context_scores=blocked_scores).cell_regret
+      if estimate is None and factored:
+        per_cell = metrics.factor_cell_regret(truth, learner.score_queries(state.params),
+                                              learner.score_keys)
       else:
         if estimate is None:
           estimate = learner.scores(state.params)
@@ -437,7 +446,8 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
   """Rough peak-memory estimate of a run, by component (bytes).
 
   State per seed: the data buffer (horizon rows of context, user, slate,
-  outcome, mask), the regret cache (3 numbers per cell), the estimate and
+  outcome, mask), the regret cache (K candidates and a radius per cell), the
+  estimate and
   ``n_solver`` numbers of carried solver state (the inverse Hessian);
   records: 9 numbers per seed-round kept on the host for the whole horizon,
   plus one chunk of them on the device; truth tables per population.
@@ -445,7 +455,9 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
   n_ranked = config.slate_size if (config.choice_model == "plackett_luce" and
                                    config.top_m is None) else (config.top_m or 1)
   row = 4 * (2 + config.slate_size + n_ranked) + 1
-  per_seed = (config.horizon * row + 12 * n_contexts * n_users + 8 * n_params +
+  candidate_bytes = jnp.dtype(metrics.candidate_dtype(n_actions)).itemsize
+  cache = n_contexts * n_users * (4 + candidate_bytes * regret_candidates(config, n_actions))
+  per_seed = (config.horizon * row + cache + 8 * n_params +
               4 * n_solver)
   lanes = n_populations * n_seeds
   # 'map' updates the donated states in place; under 'vmap' XLA may hold an
@@ -458,8 +470,10 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
       "truth": n_populations * 4 * n_contexts * n_users * (n_actions + 4),
   }
   if resolve_batching(config) == "vmap":
-    # vmapped temporaries: one score tensor and the ERM's per-datum Hessians per lane.
-    estimate["vmap_temporaries"] = lanes * 4 * (n_contexts * n_users * n_actions +
+    # vmapped temporaries per lane: the regret's full re-scoring (scores,
+    # distances, ratios, selection codes: about six (A, C, U) arrays, every
+    # round, since both branches run) and the ERM's per-datum Hessians.
+    estimate["vmap_temporaries"] = lanes * 4 * (6 * n_contexts * n_users * n_actions +
                                                 config.horizon * 64)
   estimate["total"] = sum(estimate.values())
   return estimate

@@ -215,3 +215,114 @@ def test_kl_regularized_regret_vanishes_at_the_truth(beta):
                                   np.zeros_like(true_scores), beta)
   np.testing.assert_allclose(float(at_zero), want, rtol=1e-5, atol=1e-5)
   assert want > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# Exact regret through score factors and the candidate cache
+# ---------------------------------------------------------------------------
+
+N_FACTORS = 3
+
+
+def random_factors(seed):
+  """Keys (C, A, r) and a query (C, U, r); scores <query, key> of O(1)."""
+  rng = np.random.default_rng(seed)
+  keys = rng.normal(size=(N_CONTEXTS, N_ACTIONS, N_FACTORS)).astype(np.float32)
+  queries = rng.normal(size=(N_CONTEXTS, N_USERS, N_FACTORS)).astype(np.float32)
+  return keys, queries
+
+
+def np_factor_regret(true_scores, weights, reference, keys, queries):
+  """Per-cell regret of the first maximiser of <query, key> (float64 double loop)."""
+  regret = np.zeros(weights.shape)
+  for c in range(N_CONTEXTS):
+    support = reference[c] > 0
+    for u in range(N_USERS):
+      scores = np.asarray(keys[c], np.float64) @ np.asarray(queries[c, u], np.float64)
+      chosen = np_greedy(scores, support)
+      regret[c, u] = true_scores[c, u][support].max() - true_scores[c, u, chosen]
+  return regret
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_factor_cell_regret_matches_double_loop(seed):
+  true_scores, weights, reference = random_problem(seed)
+  keys, queries = random_factors(seed)
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference))
+  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys)))
+  np.testing.assert_allclose(got, np_factor_regret(true_scores, weights, reference, keys,
+                                                   queries), atol=1e-6)
+
+
+def test_candidates_hold_the_greedy_action_within_their_radius():
+  """Any query closer than the radius keeps its argmax among the K candidates; the radius is
+  tight: 1% beyond it, along the worst action's direction, that action overtakes."""
+  rng = np.random.default_rng(3)
+  true_scores, weights, reference = random_problem(3)
+  keys, queries = random_factors(3)
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference))
+  n_candidates = 2
+  candidates, radius = jax.jit(metrics.rescore_all, static_argnums=3)(
+      truth, jnp.asarray(queries), jnp.asarray(keys), n_candidates)
+  candidates, radius = np.asarray(candidates), np.asarray(radius)
+  assert candidates.shape == (n_candidates, N_CONTEXTS, N_USERS)
+  checked = tight = 0
+  for c in range(N_CONTEXTS):
+    support = reference[c] > 0
+    key = np.asarray(keys[c], np.float64)
+    for u in range(N_USERS):
+      if weights[c, u] == 0:
+        assert radius[c, u] == np.inf
+        continue
+      query = np.asarray(queries[c, u], np.float64)
+      best = np_greedy(key @ query, support)
+      assert candidates[0, c, u] == best
+      assert all(support[a] for a in candidates[:, c, u])
+      for _ in range(50):
+        direction = rng.normal(size=N_FACTORS)
+        moved = query + 0.999 * radius[c, u] * rng.uniform() * direction / np.linalg.norm(
+            direction)
+        assert np_greedy(key @ moved, support) in candidates[:, c, u]
+        checked += 1
+      # Outside the radius: the action that sets it can overtake the greedy one.
+      others = [b for b in range(N_ACTIONS) if support[b] and b not in candidates[:, c, u]]
+      ratios = [(key[best] @ query - key[b] @ query) / np.linalg.norm(key[b] - key[best])
+                for b in others]
+      if others:
+        worst = others[int(np.argmin(ratios))]
+        np.testing.assert_allclose(radius[c, u], min(ratios), rtol=1e-3, atol=1e-4)
+        step = key[worst] - key[best]
+        moved = query + 1.01 * max(min(ratios), 0) * step / np.linalg.norm(step)
+        assert key[worst] @ moved > key[best] @ moved
+        tight += 1
+  assert checked > 0 and tight > 0
+
+
+def test_candidate_cache_equals_brute_force_along_a_random_walk():
+  """The cached regret equals scoring every action of every cell, round after round, through
+  quiet rounds, partial re-scoring and full evaluations (all three occur); cells of zero
+  weight are never re-scored and report 0."""
+  rng = np.random.default_rng(5)
+  true_scores, weights, reference = random_problem(5)
+  keys, query = random_factors(5)
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference))
+  queries_of = lambda estimate: estimate  # the estimate is the queries: linear
+  update = jax.jit(lambda cache, estimate: metrics.update_regret_cache(
+      truth, cache, estimate, queries_of, jnp.asarray(keys), 2))
+  cache = metrics.empty_regret_cache(N_CONTEXTS, N_USERS, N_ACTIONS, 2, jnp.asarray(query))
+  rescored = []
+  for step in range(40):
+    scale = [0.0, 0.003, 0.03, 0.3][step % 4]
+    query = (query + scale * rng.normal(size=query.shape)).astype(np.float32)
+    cache, regret, count = update(cache, jnp.asarray(query))
+    expected = np_factor_regret(true_scores, weights, reference, keys, query)
+    np.testing.assert_allclose(np.asarray(regret), np.where(weights > 0, expected, 0.0),
+                               atol=1e-6, err_msg=f"step {step}")
+    rescored.append(int(count))
+  cells = N_CONTEXTS * N_USERS
+  assert rescored[0] == cells  # the empty cache scores everything first
+  assert 0 in rescored and cells in rescored[1:]
+  assert any(0 < n <= 2 for n in rescored)

@@ -146,9 +146,9 @@ FROZEN_TRACES = []
 def frozen_learner(model, theta):
   """A learner that starts at ``theta`` and never updates (fit returns its input).
 
-  It offers ``cells_scores`` and an exact (zero) score drift bound, so the
-  simulator keeps its regret through the incremental ``metrics.RegretCache``
-  (the default ``regret_evaluation``); the option runs below cover 'full'.
+  It offers score factors, so the simulator keeps its regret through the
+  incremental ``metrics.RegretCache`` (the default ``regret_evaluation``);
+  the option runs below cover 'full'.
   """
 
   def fit(params, data, ridge):
@@ -159,15 +159,11 @@ def frozen_learner(model, theta):
   def cell_scores(params, context, user):
     return learners.cell_scores(model, params, context, user)
 
-  def cells_scores(params, contexts, users):
-    return jax.vmap(cell_scores, (None, 0, 0))(params, contexts, users)
-
-  def score_drift_bound(old, new):
-    del old, new
-    return jnp.zeros((model.features.shape[0], model.embedding.shape[0]), jnp.float32)
+  def score_queries(params):
+    return learners.score_factors(model, params)[0]
 
   return learners.Learner(lambda: theta, fit, lambda p: learners.scores(model, p), cell_scores,
-                          cells_scores, score_drift_bound)
+                          score_queries, learners.score_factors(model, theta)[1])
 
 
 @jax.jit

@@ -33,6 +33,12 @@ def _estimate(inst):
   return I.true_scores(inst) + 0.3 * jnp.cos(jnp.arange(4.0))
 
 
+def _factors(inst):
+  """Score factors (queries, keys) of the known-heads model at its true parameters."""
+  model = L.make_model_class("known_heads", inst)
+  return L.score_factors(model, L.true_parameters(model, inst))
+
+
 CASES = {
     "true_scores": lambda inst: I.true_scores(inst),
     "latent_features": lambda inst: I.latent_features(inst),
@@ -43,7 +49,7 @@ CASES = {
     "cell_regret": lambda inst: M.cell_regret(_truth(inst), _estimate(inst)),
     "kl_regularized_regret": lambda inst: M.kl_regularized_regret(_truth(inst), _estimate(inst),
                                                                   0.7),
-    "refresh_all": lambda inst: M.refresh_all(_truth(inst), _estimate(inst)),
+    "rescore_all": lambda inst: M.rescore_all(_truth(inst), *_factors(inst), 3),
     "model_scores": lambda inst: L.scores(L.make_model_class("known_heads", inst),
                                           L.true_parameters(L.make_model_class("known_heads",
                                                                                inst), inst)),
