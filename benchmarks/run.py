@@ -122,7 +122,7 @@ class Case:
   n_seeds: int = 8
   horizon: int = 2000
   seed_batching: str = "auto"
-  regret_evaluation: str = "incremental"
+  regret_evaluation: str = "auto"
   erm_hessian: str = "carried"
   reference_seeds: int = 1
 
@@ -228,13 +228,14 @@ def regret_flops(cells_scored, n_contexts, n_actions, n_users, d, q, m, candidat
 def flops_per_seed_round(case: Case, records, config) -> dict:
   """Mean analytic flops per seed-round of a run, split into regret and ERM."""
   from jaxbandit import learners
+  from jaxbandit import simulate
 
   max_chord = inspect.signature(learners.fit_erm).parameters["max_chord_steps"].default
   q, m = case.dim**2, case.latent_dim
   all_cells = case.n_contexts * case.n_users
   rescored = np.asarray(records.rescored_cells)
   d = case.dim
-  if config.regret_evaluation == "full":
+  if simulate.resolve_regret_evaluation(config) == "full":
     regret = regret_flops(all_cells, case.n_contexts, case.n_actions, case.n_users, d, q, m)
     regret = np.full(rescored.shape, regret)
   else:
@@ -323,6 +324,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
       "kind": "jax",
       "case": dataclasses.asdict(case),
       "batching": simulate.resolve_batching(config),
+      "regret_evaluation": simulate.resolve_regret_evaluation(config),
       "accepted_problem_seed": int(accepted_seed),
       "compile_seconds": compile_seconds,
       "run_seconds": run_seconds,
@@ -457,7 +459,7 @@ def make_row(jax_result: dict, reference: Optional[dict], matmul_gflops: float) 
   row = {
       "configuration": case["label"],
       "batching": jax_result["batching"],
-      "regret": case["regret_evaluation"],
+      "regret": jax_result["regret_evaluation"],
       "size": f"{case['n_contexts']}x{case['n_actions']}x{case['n_users']}",
       "seeds": case["n_seeds"],
       "horizon": case["horizon"],

@@ -84,7 +84,7 @@ class ExperimentConfig:
   eps0: Optional[float] = None
   first_seed: int = 0
   seed_batching: str = "auto"
-  regret_evaluation: str = "incremental"
+  regret_evaluation: str = "auto"
   rescore_budget: int = 512
   regret_candidates: int = 8
   data_layout: str = "buffer"

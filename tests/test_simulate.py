@@ -378,7 +378,7 @@ def test_padding_with_zero_weight_users_changes_nothing(batch, instance):
 @pytest.mark.slow  # one more exact-ERM compile (~10 s); the frozen learners cover the cache
 def test_incremental_regret_equals_full_rescoring(batch, instance):
   """The default incremental regret cache records the same regret as re-scoring every cell."""
-  assert CONFIG.regret_evaluation == "incremental"
+  assert S.resolve_regret_evaluation(CONFIG) == "incremental"
   full_config = dataclasses.replace(CONFIG, regret_evaluation="full")
   full = S.simulate(instance, full_config, PARAMS, n_seeds=N_SEEDS, master_seed=MASTER_SEED)
   for name in ("context", "user", "erm_converged"):
