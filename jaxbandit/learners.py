@@ -244,10 +244,7 @@ def cell_scores(model: ModelClass, params: jax.Array, context, user) -> jax.Arra
 
 def _data_utilities(model: ModelClass, params, data: ChoiceData):
   features = model.features[data.contexts[:, None], data.slates]  # (n, K, q)
-  if model.per_user:
-    weights = params[data.users]  # (n, q)
-  else:
-    weights = model.embedding[data.users] @ params  # (n, q)
+  weights = user_vectors(model, params)[data.users]  # (n, q): U m q products, not n m q
   return features, jnp.einsum("nkq,nq->nk", features, weights)
 
 
