@@ -50,12 +50,13 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
         cells_scored = C*U for a full evaluation (more than rescore_budget
         cells due), the tier size (rescore_budget / 8 or rescore_budget: a
         tier always scores its size) when some are due, 0 otherwise.
-    ERM gradient        G(n) = n (2mq + 4Kq + q) + 2 U m q
-        (user vector of each datum 2mq, utilities 2Kq, F^T grad 2Kq, segment sum q)
+    ERM gradient        G(n) = n (4Kq + q) + 2 U m q
+        (the U user vectors once, gathered per datum; utilities 2Kq, F^T grad
+        2Kq, segment sum q)
     ERM gradient+Hessian  H(n) = G(n) + n (2K^2 q + 2K q^2 + q^2) + 2 m^2 U q^2
         (per-datum F^T W F, segment sums into S_i, and the (m^2 x U) @ (U x q^2)
         product that assembles sum_i e_i e_i^T kron S_i)
-    objective           L(n) = n (2mq + 2Kq)
+    objective           L(n) = n 2Kq + 2 U m q
     Cholesky P^3/3, one cho_solve 4 P^2
     Newton step         H(n) + P^3/3 + 2 * 4P^2 + 2 L(n) + G(n)
         (value at the iterate and at the full step: no backtracking assumed,
@@ -171,7 +172,7 @@ def simulation_config(case: Case):
 
 def gradient_flops(n_buffer, n_users, q, m, slate_size):
   """Analytic flops of one ERM gradient over ``n_buffer`` rows (the module docstring's G(n))."""
-  return n_buffer * (2 * m * q + 4 * slate_size * q + q) + 2 * n_users * m * q
+  return n_buffer * (4 * slate_size * q + q) + 2 * n_users * m * q
 
 
 def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps):
@@ -185,7 +186,7 @@ def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps):
   gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
   gradient_hessian = (gradient + n_buffer * (2 * k * k * q + 2 * k * q * q + q * q) +
                       2 * m * m * n_users * q * q)
-  objective = n_buffer * (2 * m * q + 2 * k * q)
+  objective = n_buffer * 2 * k * q + 2 * n_users * m * q
   solve = 4.0 * p * p
   newton = gradient_hessian + p**3 / 3.0 + 2 * solve + 2 * objective + gradient
   chord = gradient + solve
@@ -747,7 +748,7 @@ def breakdown_mode(args) -> None:
   params = jnp.asarray(0.1 * rng.normal(size=model.param_shape), jnp.float32)
   ridge = jnp.float32(preset.ridge)
   q, m, k, p = case.dim**2, case.latent_dim, 2, case.latent_dim * case.dim**2
-  grad_f = float(n * (2 * m * q + 4 * k * q + q) + 2 * case.n_users * m * q)
+  grad_f = float(gradient_flops(n, case.n_users, q, m, k))
   hess_f = grad_f + n * (2 * k * k * q + 2 * k * q * q + q * q)
   assemble_f = 2.0 * m * m * case.n_users * q * q
   cells = case.n_contexts * case.n_users
@@ -777,7 +778,8 @@ def breakdown_mode(args) -> None:
            jnp.zeros((n_candidates, case.n_contexts, case.n_users), jnp.int16))),
        params, cells * n_candidates * 2.0 * case.dim),
       ("ERM objective", jax.jit(lambda w: learners._objective(
-          model, choice_model, w, data, ridge)), params, float(n * (2 * m * q + 2 * k * q))),
+          model, choice_model, w, data, ridge)), params,
+       float(n * 2 * k * q + 2 * case.n_users * m * q)),
       ("ERM gradient (chord step)", jax.jit(lambda w: learners._gradient(
           model, choice_model, w, data, ridge)), params, grad_f),
       ("ERM gradient + Hessian", hessian, params, hess_f + assemble_f),
