@@ -786,11 +786,17 @@ def score_factors(model: ModelClass, params: jax.Array):
   """
   weights = user_vectors(model, params)  # (U, q)
   if model.outer_factors is not None:
-    contexts, actions = model.outer_factors
+    contexts = model.outer_factors[0]
     d = contexts.shape[-1]
-    return jnp.einsum("ci,uij->cuj", contexts, weights.reshape(-1, d, d)), actions
-  n_contexts = model.features.shape[0]
-  return jnp.broadcast_to(weights[None], (n_contexts,) + weights.shape), model.features
+    queries = jnp.einsum("ci,uij->cuj", contexts, weights.reshape(-1, d, d))
+  else:
+    queries = jnp.broadcast_to(weights[None], (model.features.shape[0],) + weights.shape)
+  return queries, score_keys(model)
+
+
+def score_keys(model: ModelClass) -> jax.Array:
+  """The action keys (C, A, r) of :func:`score_factors` (constants of the model)."""
+  return model.features if model.outer_factors is None else model.outer_factors[1]
 
 
 def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1e-12,
@@ -817,5 +823,5 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
 
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),
-                 score_queries, score_factors(model, jnp.zeros(shape, jnp.float32))[1], True,
+                 score_queries, score_keys(model), True,
                  lambda: empty_hessian_carry(model), fit_carried)
