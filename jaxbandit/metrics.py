@@ -47,9 +47,7 @@ def truth_tables(true_scores, weights, reference_policy) -> TruthTables:
 
 def cell_regret(truth: TruthTables, estimated_scores) -> jax.Array:
   """Per-cell regret of the greedy selector of an estimate, (n_contexts, n_users)."""
-  chosen = greedy_actions(estimated_scores, truth.support)
-  value = jnp.take_along_axis(truth.scores, chosen[..., None], axis=-1)[..., 0]
-  return truth.best - value
+  return greedy_regret(truth, greedy_actions(estimated_scores, truth.support))
 
 
 def population_regret(truth: TruthTables, estimated_scores) -> jax.Array:
