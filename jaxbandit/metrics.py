@@ -171,7 +171,8 @@ class RegretCache(NamedTuple):
   cell scored later at distance ``D`` from the reference keeps
   ``radius - D`` (triangle inequality). A cell whose radius the query has
   reached is re-scored (up to ``budget`` cells; more than that and every
-  cell is). See :func:`update_regret_cache`.
+  cell is, rebuilding the cache unless it was rebuilt in the last 8 rounds).
+  See :func:`update_regret_cache`.
 
   Attributes:
     candidates: (K, n_contexts, n_users) int16/int32 candidate actions, slot 0
@@ -180,11 +181,13 @@ class RegretCache(NamedTuple):
     radius: (n_contexts, n_users) remaining radius; +inf for cells of zero
       weight, -inf before the first scoring.
     reference: the reference estimate (the learner's parameter shape).
+    age: () int32 rounds since the cache was last rebuilt.
   """
 
   candidates: jax.Array
   radius: jax.Array
   reference: jax.Array
+  age: jax.Array
 
 
 def candidate_dtype(n_actions: int):
@@ -197,7 +200,8 @@ def empty_regret_cache(n_contexts: int, n_users: int, n_actions: int, n_candidat
   """A cache whose every cell must be scored before use (``reference``: any estimate)."""
   shape = (n_contexts, n_users)
   return RegretCache(jnp.zeros((n_candidates,) + shape, candidate_dtype(n_actions)),
-                     jnp.full(shape, -jnp.inf, jnp.float32), jnp.asarray(reference))
+                     jnp.full(shape, -jnp.inf, jnp.float32), jnp.asarray(reference),
+                     jnp.asarray(_REBUILD_AFTER, jnp.int32))
 
 
 def _key_norms(keys):
@@ -249,14 +253,25 @@ def greedy_regret(truth: TruthTables, greedy) -> jax.Array:
   return truth.best - value
 
 
-def factor_cell_regret(truth: TruthTables, queries, keys) -> jax.Array:
-  """Per-cell regret of the greedy selector, every cell scored (C, U) (no cache)."""
+def factor_greedy(truth: TruthTables, queries, keys) -> jax.Array:
+  """Greedy action of every cell (lowest index on ties), every action scored, (C, U)."""
   n_actions = keys.shape[1]
   scores = factor_scores(queries[None], jnp.swapaxes(keys, 0, 1)[:, :, None, :])  # (A, C, U)
   scores = jnp.where(truth.support.T[:, :, None], scores, -jnp.inf)
   top = jnp.max(scores, axis=0)
   index = jnp.arange(n_actions, dtype=jnp.int32)[:, None, None]
-  return greedy_regret(truth, jnp.min(jnp.where(scores == top[None], index, n_actions), axis=0))
+  return jnp.min(jnp.where(scores == top[None], index, n_actions), axis=0)
+
+
+def factor_cell_regret(truth: TruthTables, queries, keys) -> jax.Array:
+  """Per-cell regret of the greedy selector, every cell scored (C, U) (no cache)."""
+  return greedy_regret(truth, factor_greedy(truth, queries, keys))
+
+
+# A cache rebuilt fewer rounds ago than this is not rebuilt again: while the
+# estimate moves fast the round scores every cell without candidates instead
+# (about 4x cheaper than a rebuild), and the cache waits.
+_REBUILD_AFTER = 8
 
 
 def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, queries_of, keys,
@@ -285,26 +300,36 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
   n_users = truth.weights.shape[1]
   dtype = cache.candidates.dtype
 
+  def among_candidates(cache):
+    return cache, candidate_greedy(queries, keys, cache.candidates)
+
   def partial(size):
     def rescore(cache):
       cells = jnp.nonzero(dirty.reshape(-1), size=size, fill_value=0)[0].astype(jnp.int32)
       contexts, users = cells // n_users, cells % n_users
       candidates, radius = rescore_cells(truth, contexts, users, queries, keys, n_candidates)
-      return cache._replace(
+      return among_candidates(cache._replace(
           candidates=cache.candidates.at[:, contexts, users].set(candidates.astype(dtype)),
-          radius=cache.radius.at[contexts, users].set(radius - moved[contexts, users]))
+          radius=cache.radius.at[contexts, users].set(radius - moved[contexts, users])))
     return rescore
 
-  def full(cache):
+  def rebuild(cache):
     candidates, radius = rescore_all(truth, queries, keys, n_candidates)
-    return RegretCache(candidates.astype(dtype), radius, estimate)
+    # Slot 0 is the first maximiser at this very estimate.
+    return RegretCache(candidates.astype(dtype), radius, estimate, cache.age), candidates[0]
+
+  def score_every_cell(cache):
+    return cache, factor_greedy(truth, queries, keys)
 
   # Most rounds need a few cells: a small tier keeps them from paying for `budget`.
   small = max(budget // 8, 1)
+  many = jnp.where(cache.age >= _REBUILD_AFTER, 3, 4)
   branch = jnp.where(n_dirty == 0, 0, jnp.where(n_dirty <= small, 1,
-                                                jnp.where(n_dirty <= budget, 2, 3)))
-  cache = jax.lax.switch(branch, [lambda c: c, partial(small), partial(budget), full], cache)
-  regret = greedy_regret(truth, candidate_greedy(queries, keys, cache.candidates))
-  regret = jnp.where(truth.weights > 0, regret, 0.0)  # never re-scored: no weight
+                                                jnp.where(n_dirty <= budget, 2, many)))
+  cache, greedy = jax.lax.switch(
+      branch, [among_candidates, partial(small), partial(budget), rebuild, score_every_cell],
+      cache)
+  cache = cache._replace(age=jnp.where(branch == 3, 0, jnp.minimum(cache.age + 1, 2**30)))
+  regret = jnp.where(truth.weights > 0, greedy_regret(truth, greedy), 0.0)  # no weight: 0
   rescored = jnp.where(n_dirty > budget, dirty.size, n_dirty).astype(jnp.int32)
   return cache, regret, rescored

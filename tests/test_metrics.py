@@ -302,8 +302,8 @@ def test_candidates_hold_the_greedy_action_within_their_radius():
 
 def test_candidate_cache_equals_brute_force_along_a_random_walk():
   """The cached regret equals scoring every action of every cell, round after round, through
-  quiet rounds, partial re-scoring and full evaluations (all three occur); cells of zero
-  weight are never re-scored and report 0."""
+  quiet rounds, partial re-scoring, rebuilds and rounds that score every cell while the
+  cache is young (all occur); cells of zero weight are never re-scored and report 0."""
   rng = np.random.default_rng(5)
   true_scores, weights, reference = random_problem(5)
   keys, query = random_factors(5)
@@ -315,14 +315,17 @@ def test_candidate_cache_equals_brute_force_along_a_random_walk():
   cache = metrics.empty_regret_cache(N_CONTEXTS, N_USERS, N_ACTIONS, 2, jnp.asarray(query))
   rescored = []
   for step in range(40):
-    scale = [0.0, 0.003, 0.03, 0.3][step % 4]
+    scale = 1.0 if 20 <= step < 24 else [0.0, 0.003, 0.03, 0.3][step % 4]  # then a burst
     query = (query + scale * rng.normal(size=query.shape)).astype(np.float32)
     cache, regret, count = update(cache, jnp.asarray(query))
     expected = np_factor_regret(true_scores, weights, reference, keys, query)
     np.testing.assert_allclose(np.asarray(regret), np.where(weights > 0, expected, 0.0),
                                atol=1e-6, err_msg=f"step {step}")
-    rescored.append(int(count))
+    rescored.append((int(count), int(cache.age)))
   cells = N_CONTEXTS * N_USERS
-  assert rescored[0] == cells  # the empty cache scores everything first
-  assert 0 in rescored and cells in rescored[1:]
-  assert any(0 < n <= 2 for n in rescored)
+  assert rescored[0] == (cells, 0)  # the empty cache is built first
+  assert any(n == 0 for n, _ in rescored)
+  assert any(0 < n <= 2 for n, _ in rescored)
+  # Every cell scored: by rebuilding the cache (age 0), or without it while it is young.
+  assert (cells, 0) in rescored[1:]
+  assert any(n == cells and age > 0 for n, age in rescored), rescored
