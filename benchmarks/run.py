@@ -49,7 +49,9 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
                        its actions' distances to the greedy one), with
         cells_scored = C*U for a full evaluation (more than rescore_budget
         cells due), the tier size (rescore_budget / 8 or rescore_budget: a
-        tier always scores its size) when some are due, 0 otherwise.
+        tier always scores its size) when some are due, 0 otherwise. A full
+        evaluation within 8 rounds of a rebuild scores without distances
+        (C U A 2d) but is counted as a rebuild: an overcount.
     ERM gradient        G(n) = n (4Kq + q) + 2 U m q
         (the U user vectors once, gathered per datum; utilities 2Kq, F^T grad
         2Kq, segment sum q)
