@@ -102,6 +102,23 @@ def factor_scores(queries: jax.Array, keys: jax.Array) -> jax.Array:
   return total
 
 
+def _first_maximiser(values, labels, n_actions: int):
+  """Max over the leading axis and the lowest label among its maximisers ``(top, first)``.
+
+  ``labels`` (broadcastable to ``values``) are action indices; ``n_actions``
+  exceeds every one of them.
+  """
+  top = jnp.max(values, axis=0)
+  return top, jnp.min(jnp.where(values == top[None], labels, n_actions), axis=0)
+
+
+def _scores_by_action(truth: TruthTables, queries, keys):
+  """Every cell's scores (A, C, U), actions leading, -inf off the support."""
+  by_action = jnp.swapaxes(keys, 0, 1)[:, :, None, :]  # (A, C, 1, r)
+  scores = factor_scores(queries[None], by_action)
+  return jnp.where(truth.support.T[:, :, None], scores, -jnp.inf), by_action
+
+
 def _index_bits(n_actions: int) -> int:
   return max(1, (n_actions - 1).bit_length())
 
@@ -129,9 +146,8 @@ def _rescore(scores, support, keys, best_keys_of, query_norm, key_norm, n_candid
   """
   n_actions = scores.shape[0]
   masked = jnp.where(support, scores, -jnp.inf)
-  top = jnp.max(masked, axis=0)  # (*N)
   index = jnp.arange(n_actions, dtype=jnp.int32).reshape((-1,) + (1,) * (scores.ndim - 1))
-  best = jnp.min(jnp.where(masked == top[None], index, n_actions), axis=0)  # (*N)
+  top, best = _first_maximiser(masked, index, n_actions)  # (*N)
   best_keys = best_keys_of(best)  # (*N, r)
   distance = jnp.sqrt(sum((keys[..., j] - best_keys[None, ..., j])**2
                           for j in range(keys.shape[-1])))  # (A, *N)
@@ -211,8 +227,7 @@ def _key_norms(keys):
 def rescore_all(truth: TruthTables, queries, keys, n_candidates: int):
   """Candidates (K, C, U) and radii (C, U) of every cell."""
   n_contexts = keys.shape[0]
-  by_action = jnp.swapaxes(keys, 0, 1)[:, :, None, :]  # (A, C, 1, r)
-  scores = factor_scores(queries[None], by_action)  # (A, C, U)
+  scores, by_action = _scores_by_action(truth, queries, keys)  # (A, C, U)
   rows = jnp.arange(n_contexts)[:, None]
   candidates, radius = _rescore(scores, truth.support.T[:, :, None], by_action,
                                 lambda best: keys[rows, best], jnp.linalg.norm(queries, axis=-1),
@@ -242,9 +257,7 @@ def candidate_greedy(queries, keys, candidates) -> jax.Array:
   scores = queries[None, :, :, 0] * flat_keys[0][index]
   for j in range(1, n_factors):
     scores = scores + queries[None, :, :, j] * flat_keys[j][index]
-  top = jnp.max(scores, axis=0)
-  return jnp.min(jnp.where(scores == top[None], candidates.astype(jnp.int32), n_actions),
-                 axis=0)
+  return _first_maximiser(scores, candidates.astype(jnp.int32), n_actions)[1]
 
 
 def greedy_regret(truth: TruthTables, greedy) -> jax.Array:
@@ -256,11 +269,9 @@ def greedy_regret(truth: TruthTables, greedy) -> jax.Array:
 def factor_greedy(truth: TruthTables, queries, keys) -> jax.Array:
   """Greedy action of every cell (lowest index on ties), every action scored, (C, U)."""
   n_actions = keys.shape[1]
-  scores = factor_scores(queries[None], jnp.swapaxes(keys, 0, 1)[:, :, None, :])  # (A, C, U)
-  scores = jnp.where(truth.support.T[:, :, None], scores, -jnp.inf)
-  top = jnp.max(scores, axis=0)
+  scores, _ = _scores_by_action(truth, queries, keys)  # (A, C, U)
   index = jnp.arange(n_actions, dtype=jnp.int32)[:, None, None]
-  return jnp.min(jnp.where(scores == top[None], index, n_actions), axis=0)
+  return _first_maximiser(scores, index, n_actions)[1]
 
 
 def factor_cell_regret(truth: TruthTables, queries, keys) -> jax.Array:

@@ -58,16 +58,14 @@ class SimulationConfig:
       solver loop and regret update doing only its own work; best on a few CPU
       cores) or 'auto' ('map' on CPU, 'vmap' elsewhere). Results agree to
       floating-point tolerance.
-    regret_evaluation: 'auto' ('incremental' with 'map' batching, 'full'
-      with 'vmap', where both branches of the re-scoring would run every
-      round: measured 2.5x slower than 'full'); 'full' re-scores every
-      (context, user, action) each round (always so with ``record_kl``,
-      which needs every score anyway);
+    regret_evaluation: 'full' scores every (context, user, action) each
+      round (always so with ``record_kl``, which needs every score anyway);
       'incremental' keeps the same exact regret from ``regret_candidates``
       scores per cell, re-scoring every action of a cell only once the
       estimate has moved far enough to bring a non-candidate level with its
-      greedy action (see ``metrics.RegretCache``). It saves most work with
-      'map' batching (under vmap both branches of the re-scoring run).
+      greedy action (see ``metrics.RegretCache``); 'auto' is 'incremental'
+      with 'map' batching and 'full' with 'vmap' (where every branch of the
+      cache's update runs each round: measured 2.5x slower than 'full').
     rescore_budget: cells re-scored one by one before falling back to a full
       evaluation ('incremental' only).
     regret_candidates: K candidate actions kept per cell ('incremental'
