@@ -165,9 +165,7 @@ def save_checkpoint(out_dir: str, config, progress: sim.Progress) -> None:
   leaves, _ = jax.tree_util.tree_flatten(jax.device_get(progress.states))
   for i, leaf in enumerate(leaves):
     arrays[f"state_{i}"] = np.asarray(leaf)
-  records = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=-1),
-                                   *progress.records)
-  for name, value in records._asdict().items():
+  for name, value in progress.records._asdict().items():
     arrays[f"record_{name}"] = np.asarray(value)
   arrays["rounds_done"] = np.asarray(progress.rounds_done)
   arrays["fingerprint"] = np.asarray(config_fingerprint(config))
@@ -194,4 +192,4 @@ def load_checkpoint(out_dir: str, config, state_template) -> Optional[sim.Progre
     records = sim.RoundRecord(**{name: data[f"record_{name}"]
                                  for name in sim.RoundRecord._fields})
     done = int(data["rounds_done"])
-  return sim.Progress(done, config.horizon, states, [records])
+  return sim.Progress(done, config.horizon, states, records)

@@ -473,7 +473,8 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
   copies = 1 if resolve_batching(config) == "map" else 2
   estimate = {
       "state": lanes * per_seed * copies,
-      "records_host": lanes * config.horizon * 9 * 4 * 2,  # chunks + their concatenation
+      # the whole-horizon host buffer, plus a chunk in transit when chunked
+      "records_host": lanes * (config.horizon + chunk_size * (chunk_size < config.horizon)) * 36,
       "records_device": lanes * chunk_size * 9 * 4,
       "truth": n_populations * 4 * n_contexts * n_users * (n_actions + 4),
   }
@@ -540,6 +541,24 @@ class SimulationResult(NamedTuple):
     return np.cumsum(self.records.regret.astype(np.float64), axis=-1)
 
 
+def _preallocate_records(chunk: RoundRecord, horizon: int,
+                         resume_from: Optional["Progress"]) -> RoundRecord:
+  """Host arrays (..., horizon) shaped and typed like ``chunk``, holding the
+  records of ``resume_from`` (if any) in their first rounds."""
+  history = RoundRecord(*(np.empty(np.shape(x)[:-1] + (horizon,), np.asarray(x).dtype)
+                          for x in chunk))
+  if resume_from is not None:
+    done = int(resume_from.rounds_done)
+    for field, values in zip(history, resume_from.records):
+      field[..., :done] = values
+  return history
+
+
+def _first_rounds(records: RoundRecord, rounds: int) -> RoundRecord:
+  """Views of the first ``rounds`` rounds of host records (no copy)."""
+  return RoundRecord(*(x[..., :rounds] for x in records))
+
+
 class Progress(NamedTuple):
   """What :func:`simulate` hands its callback after every chunk.
 
@@ -547,13 +566,15 @@ class Progress(NamedTuple):
     rounds_done: rounds completed so far.
     horizon: total rounds.
     states: the current :class:`SimState` (P, S, ...), device arrays.
-    records: list of per-chunk :class:`RoundRecord` (NumPy), in order.
+    records: :class:`RoundRecord` of NumPy arrays (P, S, rounds_done), the
+      records so far (views into the run's host buffer: copy them to keep them
+      past the callback).
   """
 
   rounds_done: int
   horizon: int
   states: SimState
-  records: list
+  records: RoundRecord
 
 
 def simulate(instances: Instance, config: SimulationConfig,
@@ -641,14 +662,13 @@ def simulate(instances: Instance, config: SimulationConfig,
                        first_seed + (process + 1) * per_process, dtype=np.int64)
   keys = seed_keys(master_seed, seed_ids)
   lanes = len(seed_ids)
-  if resume_from is not None:
-    states = jax.tree_util.tree_map(jnp.asarray, resume_from.states)
-    chunks = list(resume_from.records)
-    done = int(resume_from.rounds_done)
-  else:
-    states = init_states(config, instances, lanes)
-    chunks = []
-    done = 0
+  done = 0 if resume_from is None else int(resume_from.rounds_done)
+  states = (init_states(config, instances, lanes) if resume_from is None else
+            jax.tree_util.tree_map(jnp.asarray, resume_from.states))
+  # Records of the whole horizon live in one preallocated host array per field,
+  # each chunk copied into its slice: no list of chunks and no concatenation,
+  # so the host holds the records once (plus one chunk in transit).
+  history = None
   kernels = {}
   while done < config.horizon:
     n_rounds = min(chunk_size, config.horizon - done)
@@ -656,15 +676,23 @@ def simulate(instances: Instance, config: SimulationConfig,
       # One device: the two-argument call, so callers share the cached kernel.
       kernels[n_rounds] = (make_chunk_kernel(config, n_rounds) if n_local == 1 else
                            make_chunk_kernel(config, n_rounds, n_local))
-    states, records = kernels[n_rounds](instances, params, keys, states)
-    chunks.append(jax.device_get(records))
+    states, chunk = kernels[n_rounds](instances, params, keys, states)
+    chunk = jax.device_get(chunk)
+    if n_rounds == config.horizon:  # one whole-horizon chunk: its host copy is the history
+      history = chunk
+    else:
+      if history is None:
+        history = _preallocate_records(chunk, config.horizon, resume_from)
+      for field, values in zip(history, chunk):
+        field[..., done:done + n_rounds] = values
+    del chunk
     done += n_rounds
-    if callback is not None and callback(Progress(done, config.horizon, states, chunks)):
+    if callback is not None and callback(
+        Progress(done, config.horizon, states, _first_rounds(history, done))):
       break
-  if chunks:
-    records = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=-1), *chunks)
-  else:
-    records = None
+  if history is None and resume_from is not None:
+    history = resume_from.records  # resumed at the horizon: nothing left to run
+  records = None if history is None else _first_rounds(history, done)
   if n_processes > 1 and records is not None:
     from jax.experimental import multihost_utils
 

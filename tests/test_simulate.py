@@ -318,6 +318,28 @@ def test_chunked_run_matches_whole_horizon(batch, instance):
                                 np.asarray(batch.final_state.params))
 
 
+def test_stop_and_resume_in_process_matches_whole_horizon(batch, instance):
+  saved = []
+
+  def stop_after_first_chunk(progress):
+    # The callback sees the records of the rounds done so far, (P, S, rounds_done).
+    assert progress.records.regret.shape[-1] == progress.rounds_done
+    saved.append(S.Progress(progress.rounds_done, progress.horizon,
+                            jax.device_get(progress.states),
+                            jax.tree_util.tree_map(np.copy, progress.records)))
+    return True
+
+  stopped = S.simulate(instance, CONFIG, PARAMS, n_seeds=N_SEEDS, master_seed=MASTER_SEED,
+                       chunk_size=CHUNK, callback=stop_after_first_chunk)
+  assert stopped.rounds_done == CHUNK and stopped.records.regret.shape[-1] == CHUNK
+  resumed = S.simulate(instance, CONFIG, PARAMS, n_seeds=N_SEEDS, master_seed=MASTER_SEED,
+                       chunk_size=CHUNK, resume_from=saved[0])
+  assert resumed.rounds_done == HORIZON
+  for name in S.RoundRecord._fields:
+    np.testing.assert_array_equal(getattr(resumed.records, name), getattr(batch.records, name),
+                                  err_msg=name)
+
+
 def test_vmapped_seeds_equal_a_loop_of_unbatched_run_rounds(batch, instance):
   traces = []
 
