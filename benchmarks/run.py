@@ -910,7 +910,8 @@ def memory_mode(args) -> None:
        "float32"),
       ("estimate Theta (m x q)", m * q * 4, ""),
       ("cache reference estimate (m x q)", m * q * 4, "the estimate of the last full evaluation"),
-      ("carried inverse Hessian (mq x mq)", (m * q)**2 * 4, "erm_hessian='carried' (the "
+      ("carried inverse Hessian (mq x mq), estimate and gradient", ((m * q)**2 + 2 * m * q) * 4,
+       "erm_hessian='carried' (the "
        "default); 0 with 'fresh'"),
       ("records (device)", record * horizon, f"{record} B per seed-round, 9 fields"),
       ("records (host buffer)", record * horizon, "one preallocated array per field; each "

@@ -652,7 +652,8 @@ def simulate(instances: Instance, config: SimulationConfig,
   per_user = config.model_class in ("known_directions", "per_user_bilinear")
   n_solver = 0
   if config.erm_hessian == "carried":
-    n_solver = n_params * (n_params // n_users) if per_user else n_params**2
+    # the inverse Hessian, plus the estimate and gradient the next refit starts from
+    n_solver = (n_params * (n_params // n_users) if per_user else n_params**2) + 2 * n_params
   check_memory(config, instances, n_seeds, chunk_size, n_params, n_solver)
   n_processes, process = jax.process_count(), jax.process_index()
   n_local = min(n_local, max(1, -(-n_seeds // n_processes)))

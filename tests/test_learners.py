@@ -568,6 +568,26 @@ def test_secant_update_maps_gradient_change_to_step(inst, rng):
   assert np.all(np.linalg.eigvalsh(updated) > 0)
 
 
+@pytest.mark.parametrize("model_name,choice_name", CARRIED_PAIRS)
+def test_observation_gradient_is_one_rows_gradient(model_name, choice_name, inst, rng):
+  """The O(1) term a refit adds to the carried gradient for its new row, against NumPy."""
+  top_m, _ = CHOICES[choice_name]
+  choice_model = C.get_choice_model(choice_name, top_m)
+  model = L.make_model_class(model_name, inst)
+  data = cached_data(choice_name)
+  design = np_design(model_name, inst, data)
+  theta = 0.3 * rng.standard_normal(design.shape[-1])
+  for n in (0, N_ROWS - 1):
+    expected = np_objective(design[n:n + 1], data.outcomes[n:n + 1], np.ones(1), 0.0)(theta)[1]
+    got = L.observation_gradient(model, choice_model,
+                                 jnp.asarray(theta.reshape(model.param_shape), jnp.float32),
+                                 data.contexts[n], data.users[n], data.slates[n],
+                                 data.outcomes[n])
+    np.testing.assert_allclose(np.asarray(got).ravel(), expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+    assert np.abs(expected).max() > 1e-3  # a row that moves the gradient
+
+
 @pytest.fixture(scope="module")
 def carried_sequence():
   """jit of: fit the first rows cold, then add rows one at a time with fit_erm_carried."""
@@ -609,6 +629,12 @@ def test_fit_erm_carried_matches_scipy_after_each_new_row(model_name, choice_nam
   results, carry = carried_sequence(model_name, choice_name)(model, data, first, 1.0)
   design = np_design(model_name, inst, data)
   assert bool(carry.valid)
+  # The carry holds the last estimate and NumPy's penalised gradient there.
+  np.testing.assert_array_equal(np.asarray(carry.params), np.asarray(results.params[-1]))
+  scale = np.abs(np.einsum("nkp->np", np.abs(design))).sum()  # sum of |per-row terms|
+  np_grad = np_objective(design, data.outcomes, np.ones(N_ROWS), 1.0)(
+      np.asarray(carry.params, np.float64).ravel())[1]
+  np.testing.assert_allclose(np.asarray(carry.grad).ravel(), np_grad, atol=1e-5 * scale)
   for k, n in enumerate(range(first, N_ROWS + 1)):
     reference = scipy_erm(design[:n], data.outcomes[:n], np.ones(n), 1.0)
     assert bool(results.converged[k]), (n, results.decrement[k])

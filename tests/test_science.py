@@ -257,6 +257,9 @@ def test_fast_notebook_executes(tmp_path, monkeypatch):
   _execute(FAST_NOTEBOOK, tmp_path, monkeypatch)
 
 
+# The other four notebooks take 15-31 s each (90 s together on 2 cores); the
+# default run executes the fast one, and the slow set executes them all.
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", [n for n in NOTEBOOKS if n != FAST_NOTEBOOK])
 def test_notebook_executes(notebook, tmp_path, monkeypatch):
   _execute(notebook, tmp_path, monkeypatch)
