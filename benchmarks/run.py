@@ -38,7 +38,7 @@ What a row measures (STYLE.md, "benchmarks"):
 Analytic floating-point operations (known-heads learner, Bradley-Terry):
 
     C contexts, A actions, U users, d features, q = d^2, m = J (latent dim),
-    P = m q parameters, K = 2 slate size, n = data-buffer rows = horizon T.
+    P = m q parameters, K = 2 slate size, n = data rows a gradient visits.
 
     regret (per round)  scores are <g, a> with the query g = W_i^T x (d numbers):
         queries Q = 2 C U d^2 + 2 U m q (user matrices, then every cell's g);
@@ -64,14 +64,22 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
         (value at the iterate and at the full step: no backtracking assumed,
         as in the quadratic region a warm start lives in)
     chord step          G(n) + 4 P^2
-    one refit           G(n) + h * Newton + (iterations - h) * chord,
+    one refit ('fresh') G(n) + h * Newton + (iterations - h) * chord,
         h = ceil(iterations / (1 + max_chord_steps)): the fewest Hessian
         evaluations consistent with the recorded iterations (one Newton step
         then up to 6 chord steps per Hessian); a lower bound.
+    one refit ('carried', the default)
+                        4KP^2 (Woodbury) + 2(K+m)q (the new row's gradient
+        term: the warm start's gradient is the carried one plus it)
+        + 2P^2 (its direction) + iterations * (G(n) + 10P^2) (per
+        quasi-Newton step a gradient, P g, P y and the BFGS outer products);
+        the occasional refresh after a Newton fallback is not counted.
 
-The ERM terms are linear in n, and n is the buffer capacity (the horizon),
-not the number of observations so far: masked rows cost the same as live
-ones, so the per-round ERM cost is proportional to T and a run's total to T^2.
+The ERM terms are linear in n. In round t the blocked sums (the default
+when the horizon spans at least four blocks of ``erm_block_size`` rows) visit
+n = ceil(t / block) * block rows; without blocks every gradient visits the
+whole buffer (n = horizon, masked rows cost the same). So a round's ERM cost
+grows linearly in t and a run's total as T^2.
 Counts are of useful work per seed; under ``vmap`` a while loop runs until the
 slowest seed in the batch stops and both branches of a ``cond`` execute, so the
 executed work is larger than counted. Comparisons, exponentials and the
@@ -200,8 +208,8 @@ def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations):
   """Analytic flops of one refit with ``erm_hessian='carried'`` (a lower bound).
 
   Per refit: the Woodbury update for the new observation (``K`` columns:
-  ``J P`` 2KP^2, the rank-K correction 2KP^2) and the gradient at the warm
-  start; per quasi-Newton step a gradient, the direction ``P g`` (2P^2) and
+  ``J P`` 2KP^2, the rank-K correction 2KP^2), the new row's term of the
+  carried gradient and its direction ``P g``; per quasi-Newton step a gradient, the direction ``P g`` (2P^2) and
   the BFGS update (``P y`` 2P^2, three outer products 6P^2). The occasional
   refresh of the inverse (a Hessian, a Cholesky and an inverse) is not
   recorded per round and not counted.
@@ -210,8 +218,9 @@ def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations):
   k, p = slate_size, m * q
   gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
   woodbury = 4.0 * k * p * p
+  start = 2.0 * (k + m) * q + 2.0 * p * p  # the new row's gradient term, P g
   step = gradient + 2.0 * p * p + 8.0 * p * p
-  return woodbury + gradient + iterations * step
+  return woodbury + start + iterations * step
 
 
 def regret_flops(cells_scored, n_contexts, n_actions, n_users, d, q, m, candidates=None):
@@ -248,11 +257,18 @@ def flops_per_seed_round(case: Case, records, config) -> dict:
                      np.where(rescored > small, budget, np.where(rescored > 0, small, 0)))
     regret = regret_flops(cells, case.n_contexts, case.n_actions, case.n_users, d, q, m,
                           min(config.regret_candidates, case.n_actions))
+  # Rows a gradient visits in round t (1-based): whole blocks up to t, or the buffer.
+  rounds = np.arange(1, np.shape(records.erm_iterations)[-1] + 1, dtype=np.float64)
+  if simulate.uses_erm_blocks(config):
+    block = config.erm_block_size
+    rows = np.minimum(np.ceil(rounds / block) * block, simulate.buffer_capacity(config))
+  else:
+    rows = np.full(rounds.shape, float(simulate.buffer_capacity(config)))
   if config.erm_hessian == "carried":
-    erm = carried_erm_flops(case.horizon, case.n_users, q, m, config.slate_size,
+    erm = carried_erm_flops(rows, case.n_users, q, m, config.slate_size,
                             np.asarray(records.erm_iterations))
   else:
-    erm = erm_flops(case.horizon, case.n_users, q, m, config.slate_size,
+    erm = erm_flops(rows, case.n_users, q, m, config.slate_size,
                     np.asarray(records.erm_iterations), max_chord)
   return {
       "regret_flops": float(regret.mean()),
