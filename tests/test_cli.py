@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,6 +154,22 @@ def test_resume_with_a_different_config_is_refused(tiny_config_file, reference_r
   # A complete folder has nothing to resume.
   assert cli.main(["run", "--resume", ref_out]) == 2
   assert "already complete" in capsys.readouterr().err
+
+
+def test_resume_from_a_checkpoint_of_another_state_layout_is_refused(reference_run, tmp_path,
+                                                                     capsys):
+  """A checkpoint whose state arrays do not match this version's state is refused clearly."""
+  ref_out, _ = reference_run
+  out = str(tmp_path / "old")
+  os.makedirs(out)
+  shutil.copy(os.path.join(ref_out, config_io.CONFIG_FILE), out)
+  config = config_io.load_config(os.path.join(out, config_io.CONFIG_FILE))
+  # One state array where the current state has many, as an older layout would.
+  np.savez(os.path.join(out, "checkpoint.npz"), state_0=np.zeros(3, np.float32),
+           rounds_done=np.asarray(5), fingerprint=np.asarray(config_io.config_fingerprint(config)))
+  assert cli.main(["run", "--resume", out, "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert "another layout" in err and "1 state arrays" in err and "new --out" in err
 
 
 def test_sweep_compiles_once_and_matches_single_runs(tmp_path, tiny_config_file):
