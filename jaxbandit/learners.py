@@ -578,6 +578,16 @@ def empty_hessian_carry(model: ModelClass) -> HessianCarry:
   return HessianCarry(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.bool_), zeros, zeros)
 
 
+def _slate_terms(model: ModelClass, choice_model: ChoiceModel, params: jax.Array, context, user,
+                 slate, outcome):
+  """One observation's slate features (K, q) and the choice model's gradient (K,)
+  and Hessian (K, K) in the slate's utilities at ``params``."""
+  features = model.features[context, slate]  # (K, q)
+  weights = params[user] if model.per_user else model.embedding[user] @ params  # (q,)
+  grad_u, hess_u = choice_model.gradient_hessian(features @ weights, outcome)
+  return features, grad_u, hess_u
+
+
 def observation_gradient(model: ModelClass, choice_model: ChoiceModel, params: jax.Array,
                          context, user, slate, outcome) -> jax.Array:
   """Gradient of one observation's negative log-likelihood, ``model.param_shape``.
@@ -587,9 +597,7 @@ def observation_gradient(model: ModelClass, choice_model: ChoiceModel, params: j
   utilities, placed in the user's row (per-user classes) or spread over the
   user's embedding.
   """
-  features = model.features[context, slate]  # (K, q)
-  weights = params[user] if model.per_user else params.T @ model.embedding[user]
-  grad_u, _ = choice_model.gradient_hessian(features @ weights, outcome)
+  features, grad_u, _ = _slate_terms(model, choice_model, params, context, user, slate, outcome)
   per_datum = grad_u @ features  # (q,)
   if model.per_user:
     return jnp.zeros_like(params).at[user].set(per_datum)
@@ -622,15 +630,13 @@ def add_observation(model: ModelClass, choice_model: ChoiceModel, inverse: jax.A
   ``(H + J^T S J)^-1 = P - P J^T (I + S J P J^T)^-1 S J P`` for ``P = H^-1``
   (valid for singular ``S``), at cost O(K p^2).
   """
-  features = model.features[context, slate]  # (K, q)
+  features, _, hess = _slate_terms(model, choice_model, params, context, user, slate, outcome)
   if model.per_user:
-    weights, jac, block = params[user], features, inverse[user]
+    jac, block = features, inverse[user]
   else:
     embedding = model.embedding[user]  # (m,)
-    weights = embedding @ params
     jac = (embedding[None, :, None] * features[:, None, :]).reshape(features.shape[0], -1)
     block = inverse
-  _, hess = choice_model.gradient_hessian(features @ weights, outcome)  # (K, K)
   projected = jac @ block  # (K, p)
   inner = jnp.eye(hess.shape[0], dtype=hess.dtype) + hess @ (projected @ jac.T)
   updated = block - projected.T @ jnp.linalg.solve(inner, hess @ projected)
