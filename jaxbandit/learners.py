@@ -160,7 +160,7 @@ class ModelClass:
     outer_factors: for outer-product features ``f(x, a) = x (outer) a``, the
       factors ``(contexts (C, d), actions (C, A, d))``; None otherwise. They
       make the regret's score factors d- rather than d^2-dimensional
-      (:func:`score_factors`).
+      (:func:`score_queries`, :func:`score_keys`).
   """
 
   embedding: jax.Array
@@ -819,26 +819,24 @@ def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
   return params if model.per_user else model.embedding @ params
 
 
-def score_factors(model: ModelClass, params: jax.Array):
-  """Queries (C, U, r) and keys (C, A, r) with ``scores = <queries, keys>`` (r small).
+def score_queries(model: ModelClass, params: jax.Array) -> jax.Array:
+  """Queries (C, U, r) with scores ``<queries[c, i], score_keys(model)[c, a]>`` (r small).
 
   Outer-product features ``f(x, a) = x (outer) a`` give ``<w_i, f(x, a)> =
   a^T (W_i^T x)``: the query is ``W_i^T x_c`` and the key the action (r = d
   instead of q = d^2). Otherwise the query is the user vector ``w_i`` and the
-  key the feature row (r = q).
+  key the feature row (r = q). Linear in ``params``.
   """
   weights = user_vectors(model, params)  # (U, q)
-  if model.outer_factors is not None:
-    contexts = model.outer_factors[0]
-    d = contexts.shape[-1]
-    queries = jnp.einsum("ci,uij->cuj", contexts, weights.reshape(-1, d, d))
-  else:
-    queries = jnp.broadcast_to(weights[None], (model.features.shape[0],) + weights.shape)
-  return queries, score_keys(model)
+  if model.outer_factors is None:
+    return jnp.broadcast_to(weights[None], (model.features.shape[0],) + weights.shape)
+  contexts = model.outer_factors[0]
+  d = contexts.shape[-1]
+  return jnp.einsum("ci,uij->cuj", contexts, weights.reshape(-1, d, d))
 
 
 def score_keys(model: ModelClass) -> jax.Array:
-  """The action keys (C, A, r) of :func:`score_factors` (constants of the model)."""
+  """The action keys (C, A, r) of :func:`score_queries` (constants of the model)."""
   return model.features if model.outer_factors is None else model.outer_factors[1]
 
 
@@ -861,10 +859,7 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
                            tol=tol, max_iterations=max_iterations, block_size=block_size,
                            n_rows=n_rows)
 
-  def score_queries(params):
-    return score_factors(model, params)[0]
-
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),
-                 score_queries, score_keys(model), True,
+                 functools.partial(score_queries, model), score_keys(model), True,
                  lambda: empty_hessian_carry(model), fit_carried)

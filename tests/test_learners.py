@@ -659,13 +659,13 @@ def test_score_factors_reproduce_explicit_scores(name, inst, rng):
   """<queries, keys> equals the explicit bilinear scores; bilinear classes factor in d, not d^2."""
   model = L.make_model_class(name, inst)
   theta = rng.standard_normal(model.param_shape)
-  queries, keys = L.score_factors(model, jnp.asarray(theta, jnp.float32))
+  queries, keys = L.score_queries(model, jnp.asarray(theta, jnp.float32)), L.score_keys(model)
   factored = np.einsum("cur,car->cua", np.asarray(queries, np.float64),
                        np.asarray(keys, np.float64))
   np.testing.assert_allclose(factored, np_explicit_scores(name, inst, theta), rtol=1e-4,
                              atol=1e-4)
   # Linear in the parameters, as the regret cache's distances assume.
-  twice = np.asarray(L.score_factors(model, jnp.asarray(2 * theta, jnp.float32))[0])
+  twice = np.asarray(L.score_queries(model, jnp.asarray(2 * theta, jnp.float32)))
   np.testing.assert_allclose(twice, 2 * np.asarray(queries), rtol=1e-5, atol=1e-5)
   if name != "known_directions":
     assert queries.shape[-1] == inst.contexts.shape[-1]

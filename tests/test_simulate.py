@@ -159,11 +159,8 @@ def frozen_learner(model, theta):
   def cell_scores(params, context, user):
     return learners.cell_scores(model, params, context, user)
 
-  def score_queries(params):
-    return learners.score_factors(model, params)[0]
-
   return learners.Learner(lambda: theta, fit, lambda p: learners.scores(model, p), cell_scores,
-                          score_queries, learners.score_factors(model, theta)[1])
+                          lambda p: learners.score_queries(model, p), learners.score_keys(model))
 
 
 @jax.jit

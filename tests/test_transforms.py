@@ -36,7 +36,7 @@ def _estimate(inst):
 def _factors(inst):
   """Score factors (queries, keys) of the known-heads model at its true parameters."""
   model = L.make_model_class("known_heads", inst)
-  return L.score_factors(model, L.true_parameters(model, inst))
+  return L.score_queries(model, L.true_parameters(model, inst)), L.score_keys(model)
 
 
 CASES = {
