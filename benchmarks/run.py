@@ -917,7 +917,7 @@ def memory_mode(args) -> None:
                    case.latent_dim)
   # Bradley-Terry rows: context, user (int32), slate (2 x int32), outcome (1 x int32), mask (bool).
   data_row = 4 + 4 + 2 * 4 + 1 * 4 + 1
-  n_candidates = min(simulate.SimulationConfig().regret_candidates, a)
+  n_candidates = simulate.regret_candidates(simulate.SimulationConfig(), a)
   cache = c * u * (4 + 2 * n_candidates)
   record = 8 * 4 + 1  # eight 4-byte fields and the bool converged flag
   items = [

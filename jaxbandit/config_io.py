@@ -188,16 +188,15 @@ def load_checkpoint(out_dir: str, config, state_template) -> Optional[sim.Progre
     treedef = jax.tree_util.tree_structure(state_template)
     expected = [(tuple(np.shape(x)), np.dtype(x.dtype))
                 for x in jax.tree_util.tree_leaves(state_template)]
-    found = [(tuple(data[name].shape), data[name].dtype) for name in
-             sorted((n for n in data.files if n.startswith("state_")),
-                    key=lambda n: int(n.split("_")[1]))]
+    n_found = sum(name.startswith("state_") for name in data.files)
+    leaves = [data[f"state_{i}"] for i in range(n_found)]
+    found = [(tuple(leaf.shape), leaf.dtype) for leaf in leaves]
     if found != expected:
       raise ValueError(
           f"checkpoint in {out_dir!r} holds a simulator state of another layout "
-          f"({len(found)} state arrays, this version expects {len(expected)}; it was "
+          f"({n_found} state arrays, this version expects {len(expected)}; it was "
           f"written by another version of jaxbandit); allowed: resume with the version "
           f"that wrote it, or start a new --out folder")
-    leaves = [data[f"state_{i}"] for i in range(treedef.num_leaves)]
     states = jax.tree_util.tree_unflatten(treedef, leaves)
     records = sim.RoundRecord(**{name: data[f"record_{name}"]
                                  for name in sim.RoundRecord._fields})
