@@ -918,14 +918,14 @@ def memory_mode(args) -> None:
   # Bradley-Terry rows: context, user (int32), slate (2 x int32), outcome (1 x int32), mask (bool).
   data_row = 4 + 4 + 2 * 4 + 1 * 4 + 1
   n_candidates = simulate.regret_candidates(simulate.SimulationConfig(), a)
-  cache = c * u * (4 + 2 * n_candidates)
+  d = case.dim
+  cache = c * u * (4 + 2 * n_candidates + 4 * d)
   record = 8 * 4 + 1  # eight 4-byte fields and the bool converged flag
   items = [
       ("data buffer (horizon rows)", data_row * horizon, f"{data_row} B per row"),
-      ("regret cache (K+1) x C x U", cache, f"K={n_candidates} int16 candidates, radius "
-       "float32"),
+      ("regret cache C x U x (K + 1 + d)", cache, f"K={n_candidates} int16 candidates, radius "
+       f"float32, anchor query (d={d} float32)"),
       ("estimate Theta (m x q)", m * q * 4, ""),
-      ("cache reference estimate (m x q)", m * q * 4, "the estimate of the last full evaluation"),
       ("carried inverse Hessian (mq x mq), estimate and gradient", ((m * q)**2 + 2 * m * q) * 4,
        "erm_hessian='carried' (the "
        "default); 0 with 'fresh'"),
@@ -947,7 +947,7 @@ def memory_mode(args) -> None:
   config, _ = simulation_config(dataclasses.replace(case, seed_batching="map"))
   if hasattr(simulate, "estimate_memory_bytes"):  # the package's own pre-run check
     package = simulate.estimate_memory_bytes(config, 1, u, c, a, m * q, n_seeds, horizon,
-                                             n_solver=(m * q)**2)
+                                             n_solver=(m * q)**2 + 2 * m * q, n_factors=d)
     rows.append({"item": "simulate.estimate_memory_bytes (map, one chunk)", "per_seed": "-",
                  "mib": package["total"] / mib,
                  "note": ", ".join(f"{k} {v / mib:,.0f}" for k, v in package.items()

@@ -179,30 +179,31 @@ def _rescore(scores, support, keys, best_keys_of, query_norm, key_norm, n_candid
 class RegretCache(NamedTuple):
   """What keeps the exact population regret cheap between rounds (one seed).
 
-  Each cell keeps K candidate actions and a radius: while its query ``g``
-  stays within ``radius`` of where it was when the cell was last scored, its
-  greedy action is among the candidates, so the round's greedy action and
-  regret are exact from K scores instead of A. Distances are measured from
-  one *reference* estimate (the estimate of the last full evaluation); a
-  cell scored later at distance ``D`` from the reference keeps
-  ``radius - D`` (triangle inequality). A cell whose radius the query has
-  reached is re-scored (up to ``budget`` cells; more than that and every
-  cell is, rebuilding the cache unless it was rebuilt in the last 8 rounds).
-  See :func:`update_regret_cache`.
+  Each cell keeps K candidate actions, a radius and an *anchor*: the query at
+  which the cell was last scored. While its query ``g`` stays within
+  ``radius`` of the anchor, its greedy action is among the candidates, so the
+  round's greedy action and regret are exact from K scores instead of A. A
+  cell whose query has reached its radius is re-scored alone (in tiers of up
+  to ``budget`` cells) and re-anchored there; when more than ``budget`` are
+  due, every cell is re-scored, rebuilding the cache unless it was rebuilt in
+  the last 8 rounds. Distances are measured from each cell's own anchor, so
+  a cell is due only when its own query has moved, not when the estimate has
+  drifted elsewhere. See :func:`update_regret_cache`.
 
   Attributes:
     candidates: (K, n_contexts, n_users) int16/int32 candidate actions, slot 0
       the greedy action when the cell was scored (candidates lead, so that
       choosing among them reduces across cells in SIMD lanes).
-    radius: (n_contexts, n_users) remaining radius; +inf for cells of zero
-      weight, -inf before the first scoring.
-    reference: the reference estimate (the learner's parameter shape).
-    age: () int32 rounds since the cache was last rebuilt.
+    radius: (n_contexts, n_users) radius around the anchor; +inf for cells of
+      zero weight, -inf before the first scoring.
+    anchor: (r, n_contexts, n_users) float32 query of each cell when it was
+      last scored (factor-major: one plane per factor).
+    age: () int32 rounds since every cell was last re-scored together.
   """
 
   candidates: jax.Array
   radius: jax.Array
-  reference: jax.Array
+  anchor: jax.Array
   age: jax.Array
 
 
@@ -212,11 +213,12 @@ def candidate_dtype(n_actions: int):
 
 
 def empty_regret_cache(n_contexts: int, n_users: int, n_actions: int, n_candidates: int,
-                       reference: jax.Array) -> RegretCache:
-  """A cache whose every cell must be scored before use (``reference``: any estimate)."""
+                       n_factors: int) -> RegretCache:
+  """A cache whose every cell must be scored before use (queries of ``n_factors`` numbers)."""
   shape = (n_contexts, n_users)
   return RegretCache(jnp.zeros((n_candidates,) + shape, candidate_dtype(n_actions)),
-                     jnp.full(shape, -jnp.inf, jnp.float32), jnp.asarray(reference),
+                     jnp.full(shape, -jnp.inf, jnp.float32),
+                     jnp.zeros((n_factors,) + shape, jnp.float32),
                      jnp.asarray(_REBUILD_AFTER, jnp.int32))
 
 
@@ -305,29 +307,35 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
   """
   n_candidates = cache.candidates.shape[0]
   queries = queries_of(estimate)
-  moved = jnp.linalg.norm(queries_of(estimate - cache.reference), axis=-1)  # (C, U)
+  # Factor-major (r, C, U) planes: the move is then a sum of r contiguous planes
+  # (XLA:CPU took over ten times longer over the short trailing factor axis).
+  planes = jnp.moveaxis(queries, -1, 0)
+  moved = jnp.sqrt(sum((planes[j] - cache.anchor[j])**2
+                       for j in range(planes.shape[0])))  # (C, U) from each cell's anchor
   dirty = cache.radius <= moved
   n_dirty = jnp.sum(dirty)
   n_users = truth.weights.shape[1]
   dtype = cache.candidates.dtype
 
-  def among_candidates(cache):
-    return cache, candidate_greedy(queries, keys, cache.candidates)
+  no_greedy = jnp.zeros(dirty.shape, jnp.int32)
+
+  def quiet(cache):
+    return cache, no_greedy
 
   def partial(size):
     def rescore(cache):
       cells = jnp.nonzero(dirty.reshape(-1), size=size, fill_value=0)[0].astype(jnp.int32)
       contexts, users = cells // n_users, cells % n_users
       candidates, radius = rescore_cells(truth, contexts, users, queries, keys, n_candidates)
-      return among_candidates(cache._replace(
+      return cache._replace(
           candidates=cache.candidates.at[:, contexts, users].set(candidates.astype(dtype)),
-          radius=cache.radius.at[contexts, users].set(radius - moved[contexts, users])))
+          radius=cache.radius.at[contexts, users].set(radius),
+          anchor=cache.anchor.at[:, contexts, users].set(planes[:, contexts, users])), no_greedy
     return rescore
 
   def rebuild(cache):
     candidates, radius = rescore_all(truth, queries, keys, n_candidates)
-    # Slot 0 is the first maximiser at this very estimate.
-    return RegretCache(candidates.astype(dtype), radius, estimate, cache.age), candidates[0]
+    return RegretCache(candidates.astype(dtype), radius, planes, cache.age), no_greedy
 
   def score_every_cell(cache):
     return cache, factor_greedy(truth, queries, keys)
@@ -337,9 +345,12 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
   many = jnp.where(cache.age >= _REBUILD_AFTER, 3, 4)
   branch = jnp.where(n_dirty == 0, 0, jnp.where(n_dirty <= small, 1,
                                                 jnp.where(n_dirty <= budget, 2, many)))
-  cache, greedy = jax.lax.switch(
-      branch, [among_candidates, partial(small), partial(budget), rebuild, score_every_cell],
-      cache)
+  # The branches only bring the cache up to date (or, for branch 4, score every
+  # cell without it); the choice among the candidates stays outside the switch,
+  # where XLA fuses it with the rest of the round.
+  cache, every_cell = jax.lax.switch(
+      branch, [quiet, partial(small), partial(budget), rebuild, score_every_cell], cache)
+  greedy = jnp.where(branch == 4, every_cell, candidate_greedy(queries, keys, cache.candidates))
   cache = cache._replace(age=jnp.where(branch == 3, 0, jnp.minimum(cache.age + 1, 2**30)))
   regret = jnp.where(truth.weights > 0, greedy_regret(truth, greedy), 0.0)  # no weight: 0
   rescored = jnp.where(n_dirty > budget, dirty.size, n_dirty).astype(jnp.int32)

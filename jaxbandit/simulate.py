@@ -252,9 +252,9 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
         mask=jnp.zeros((rows,), jnp.float32))
   else:
     data = learners_lib.ChoiceData.empty(buffer_capacity(config), config.slate_size, n_ranked)
+  n_factors = 0 if learner.score_keys is None else learner.score_keys.shape[-1]
   cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users, instance.n_actions,
-                                     regret_candidates(config, instance.n_actions),
-                                     learner.init())
+                                     regret_candidates(config, instance.n_actions), n_factors)
   solver = learner.init_carry() if carries_hessian(config, learner) else ()
   return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache, solver)
 
@@ -450,12 +450,12 @@ def init_states(config: SimulationConfig, instances: Instance, n_seeds: int) -> 
 
 def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users: int,
                           n_contexts: int, n_actions: int, n_params: int, n_seeds: int,
-                          chunk_size: int, n_solver: int = 0) -> dict:
+                          chunk_size: int, n_solver: int = 0, n_factors: int = 0) -> dict:
   """Rough peak-memory estimate of a run, by component (bytes).
 
   State per seed: the data buffer (horizon rows of context, user, slate,
-  outcome, mask), the regret cache (K candidates and a radius per cell), the
-  estimate and
+  outcome, mask), the regret cache (K candidates, a radius and an anchor query
+  of ``n_factors`` numbers per cell), the estimate and
   ``n_solver`` numbers of carried solver state (the inverse Hessian);
   records: 9 numbers per seed-round kept on the host for the whole horizon,
   plus one chunk of them on the device; truth tables per population.
@@ -464,7 +464,8 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
                                    config.top_m is None) else (config.top_m or 1)
   row = 4 * (2 + config.slate_size + n_ranked) + 1
   candidate_bytes = jnp.dtype(metrics.candidate_dtype(n_actions)).itemsize
-  cache = n_contexts * n_users * (4 + candidate_bytes * regret_candidates(config, n_actions))
+  cache = n_contexts * n_users * (4 + candidate_bytes * regret_candidates(config, n_actions) +
+                                  4 * n_factors)
   per_seed = (config.horizon * row + cache + 8 * n_params +
               4 * n_solver)
   lanes = n_populations * n_seeds
@@ -501,13 +502,13 @@ def available_memory_bytes() -> Optional[int]:
 
 
 def check_memory(config: SimulationConfig, instances: Instance, n_seeds: int, chunk_size: int,
-                 n_params: int, n_solver: int = 0) -> dict:
+                 n_params: int, n_solver: int = 0, n_factors: int = 0) -> dict:
   """Refuses, before compiling, a run whose estimated memory exceeds what is available."""
   n_populations = instances.contexts.shape[0]
   n_contexts, n_users = instances.contexts.shape[-2], instances.heads.shape[-2]
   estimate = estimate_memory_bytes(config, n_populations, n_users, n_contexts,
                                    instances.actions.shape[-2], n_params, n_seeds, chunk_size,
-                                   n_solver)
+                                   n_solver, n_factors)
   available = available_memory_bytes()
   if available is not None and estimate["total"] > 0.8 * available:
     per_seed = estimate["total"] / max(n_seeds, 1)
@@ -654,7 +655,9 @@ def simulate(instances: Instance, config: SimulationConfig,
   if config.erm_hessian == "carried":
     # the inverse Hessian, plus the estimate and gradient the next refit starts from
     n_solver = (n_params * (n_params // n_users) if per_user else n_params**2) + 2 * n_params
-  check_memory(config, instances, n_seeds, chunk_size, n_params, n_solver)
+  # the regret cache's anchor queries: d numbers for bilinear classes, J otherwise
+  n_factors = latent_dim if config.model_class == "known_directions" else dim
+  check_memory(config, instances, n_seeds, chunk_size, n_params, n_solver, n_factors)
   n_processes, process = jax.process_count(), jax.process_index()
   n_local = min(n_local, max(1, -(-n_seeds // n_processes)))
   per_process = -(-n_seeds // n_processes)  # ceil

@@ -312,7 +312,7 @@ def test_candidate_cache_equals_brute_force_along_a_random_walk():
   queries_of = lambda estimate: estimate  # the estimate is the queries: linear
   update = jax.jit(lambda cache, estimate: metrics.update_regret_cache(
       truth, cache, estimate, queries_of, jnp.asarray(keys), 2))
-  cache = metrics.empty_regret_cache(N_CONTEXTS, N_USERS, N_ACTIONS, 2, jnp.asarray(query))
+  cache = metrics.empty_regret_cache(N_CONTEXTS, N_USERS, N_ACTIONS, 2, N_FACTORS)
   rescored = []
   for step in range(40):
     scale = 1.0 if 20 <= step < 24 else [0.0, 0.003, 0.03, 0.3][step % 4]  # then a burst
@@ -329,3 +329,31 @@ def test_candidate_cache_equals_brute_force_along_a_random_walk():
   # Every cell scored: by rebuilding the cache (age 0), or without it while it is young.
   assert (cells, 0) in rescored[1:]
   assert any(n == cells and age > 0 for n, age in rescored), rescored
+
+
+def test_a_cell_is_due_only_when_its_own_query_leaves_its_anchor():
+  """Distances are measured from each cell's own anchor: a cell whose query jumped far and
+  was re-scored there is quiet in the next rounds while its query stays put, and the other
+  cells, whose queries never moved, are never due; the regret stays exact throughout."""
+  true_scores, weights, reference = random_problem(7)
+  keys, query = random_factors(7)
+  weights = np.where(weights > 0, weights, 1.0 / weights.size).astype(np.float32)
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference))
+  update = jax.jit(lambda cache, estimate: metrics.update_regret_cache(
+      truth, cache, estimate, lambda e: e, jnp.asarray(keys), 4))
+  cache = metrics.empty_regret_cache(N_CONTEXTS, N_USERS, N_ACTIONS, 2, N_FACTORS)
+  cache, _, count = update(cache, jnp.asarray(query))
+  assert int(count) == N_CONTEXTS * N_USERS
+  radius = float(cache.radius[1, 2])
+  assert np.isfinite(radius)
+  jumped = query.copy()
+  jumped[1, 2] += np.float32(10 * radius + 1) * np.array([1, -1, 1], np.float32) / np.sqrt(3)
+  counts = []
+  for _ in range(3):  # the jump, then two rounds at the same queries
+    cache, regret, count = update(cache, jnp.asarray(jumped))
+    expected = np_factor_regret(true_scores, weights, reference, keys, jumped)
+    np.testing.assert_allclose(np.asarray(regret), expected, atol=1e-6)
+    counts.append(int(count))
+  assert counts == [1, 0, 0], counts
+  np.testing.assert_array_equal(np.asarray(cache.anchor[:, 1, 2]), jumped[1, 2])
