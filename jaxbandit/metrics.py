@@ -226,40 +226,67 @@ def _key_norms(keys):
   return jnp.max(jnp.linalg.norm(keys, axis=-1), axis=-1)  # (C,)
 
 
-def rescore_all(truth: TruthTables, queries, keys, n_candidates: int):
-  """Candidates (K, C, U) and radii (C, U) of every cell."""
+def rescore_all(truth: TruthTables, queries, keys, n_candidates: int, key_norms=None):
+  """Candidates (K, C, U) and radii (C, U) of every cell.
+
+  ``key_norms`` (C,): ``max_a ||k_ca||``, a constant of the keys; computed
+  here when not given.
+  """
   n_contexts = keys.shape[0]
+  key_norms = _key_norms(keys) if key_norms is None else key_norms
   scores, by_action = _scores_by_action(truth, queries, keys)  # (A, C, U)
   rows = jnp.arange(n_contexts)[:, None]
   candidates, radius = _rescore(scores, truth.support.T[:, :, None], by_action,
                                 lambda best: keys[rows, best], jnp.linalg.norm(queries, axis=-1),
-                                _key_norms(keys)[:, None], n_candidates)
+                                key_norms[:, None], n_candidates)
   return candidates, jnp.where(truth.weights > 0, radius, jnp.inf)
 
 
-def rescore_cells(truth: TruthTables, contexts, users, queries, keys, n_candidates: int):
-  """Candidates (K, B) and radii (B,) of the cells ``(contexts (B,), users (B,))``."""
+def rescore_cells(truth: TruthTables, contexts, users, queries, keys, n_candidates: int,
+                  key_norms=None):
+  """Candidates (K, B) and radii (B,) of the cells ``(contexts (B,), users (B,))``
+  (``key_norms`` as in :func:`rescore_all`)."""
+  key_norms = _key_norms(keys) if key_norms is None else key_norms
   query = queries[contexts, users]  # (B, r)
   key = jnp.swapaxes(keys[contexts], 0, 1)  # (A, B, r)
   scores = factor_scores(query[None, :, :], key)  # (A, B)
   candidates, radius = _rescore(
       scores, truth.support[contexts].T, key,
       lambda best: jnp.take_along_axis(key, best[None, :, None], axis=0)[0],
-      jnp.linalg.norm(query, axis=-1), _key_norms(keys)[contexts], n_candidates)
+      jnp.linalg.norm(query, axis=-1), key_norms[contexts], n_candidates)
   return candidates, jnp.where(truth.weights[contexts, users] > 0, radius, jnp.inf)
 
 
 def candidate_greedy(queries, keys, candidates) -> jax.Array:
   """Greedy action of every cell among its candidates (K, C, U) (lowest index on ties), (C, U)."""
+  return _candidate_greedy(jnp.moveaxis(queries, -1, 0), keys, candidates)
+
+
+def _candidate_greedy(planes, keys, candidates) -> jax.Array:
+  """:func:`candidate_greedy` from factor-major queries ``planes`` (r, C, U).
+
+  One candidate slot at a time, each score summed factor by factor in
+  :func:`factor_scores`' order from scalar gathers, keeping a running first
+  maximiser: every step is elementwise over the (C, U) cells, so the whole
+  choice is one fused pass (a reduction over the short K axis was not).
+  """
   n_contexts, n_actions, n_factors = keys.shape
-  index = (jnp.arange(n_contexts, dtype=jnp.int32)[None, :, None] * n_actions +
-           candidates.astype(jnp.int32))  # (K, C, U) into the flattened (C * A) keys
   flat_keys = keys.reshape(n_contexts * n_actions, n_factors).T  # (r, C * A)
-  # factor_scores' sum, one factor at a time: K scalar gathers instead of key rows.
-  scores = queries[None, :, :, 0] * flat_keys[0][index]
-  for j in range(1, n_factors):
-    scores = scores + queries[None, :, :, j] * flat_keys[j][index]
-  return _first_maximiser(scores, candidates.astype(jnp.int32), n_actions)[1]
+  offset = jnp.arange(n_contexts, dtype=jnp.int32)[:, None] * n_actions
+  best_score = best = None
+  for slot in range(candidates.shape[0]):
+    label = candidates[slot].astype(jnp.int32)  # (C, U)
+    index = offset + label
+    score = planes[0] * flat_keys[0][index]
+    for j in range(1, n_factors):
+      score = score + planes[j] * flat_keys[j][index]
+    if best is None:
+      best_score, best = score, label
+    else:
+      better = (score > best_score) | ((score == best_score) & (label < best))
+      best_score = jnp.where(better, score, best_score)
+      best = jnp.where(better, label, best)
+  return best
 
 
 def greedy_regret(truth: TruthTables, greedy) -> jax.Array:
@@ -279,6 +306,28 @@ def factor_greedy(truth: TruthTables, queries, keys) -> jax.Array:
 def factor_cell_regret(truth: TruthTables, queries, keys) -> jax.Array:
   """Per-cell regret of the greedy selector, every cell scored (C, U) (no cache)."""
   return greedy_regret(truth, factor_greedy(truth, queries, keys))
+
+
+def _first_true(mask, size: int):
+  """Flat indices of the first ``size`` True entries of ``mask``, in order, padded with 0.
+
+  ``jnp.nonzero(..., size=size)`` without its cumulative sums over the whole
+  mask (about 100 us for 10,000 cells on XLA:CPU): ranks within blocks of 128
+  come from one matrix product with a triangular matrix (exact: counts of at
+  most 128 in float32), and only the block totals are summed cumulatively.
+  """
+  flat = mask.reshape(-1)
+  n = flat.shape[0]
+  block = 128
+  padded = jnp.pad(flat, (0, -n % block)).reshape(-1, block)
+  upper = jnp.triu(jnp.ones((block, block), jnp.float32))
+  within = (padded.astype(jnp.float32) @ upper).astype(jnp.int32)  # inclusive ranks
+  totals = within[:, -1]
+  offsets = jnp.cumsum(totals) - totals
+  rank = (within + offsets[:, None]).reshape(-1)[:n] - 1
+  slot = jnp.where(flat, rank, size)  # not wanted, or beyond `size`: dropped
+  return jnp.zeros((size,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32),
+                                                    mode="drop")
 
 
 # A cache rebuilt fewer rounds ago than this is not rebuilt again: while the
@@ -316,6 +365,7 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
   n_dirty = jnp.sum(dirty)
   n_users = truth.weights.shape[1]
   dtype = cache.candidates.dtype
+  key_norms = _key_norms(keys)  # constant: outside the branches, so XLA can hoist it
 
   no_greedy = jnp.zeros(dirty.shape, jnp.int32)
 
@@ -324,9 +374,10 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
 
   def partial(size):
     def rescore(cache):
-      cells = jnp.nonzero(dirty.reshape(-1), size=size, fill_value=0)[0].astype(jnp.int32)
+      cells = _first_true(dirty, size)
       contexts, users = cells // n_users, cells % n_users
-      candidates, radius = rescore_cells(truth, contexts, users, queries, keys, n_candidates)
+      candidates, radius = rescore_cells(truth, contexts, users, queries, keys, n_candidates,
+                                         key_norms)
       return cache._replace(
           candidates=cache.candidates.at[:, contexts, users].set(candidates.astype(dtype)),
           radius=cache.radius.at[contexts, users].set(radius),
@@ -334,7 +385,7 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
     return rescore
 
   def rebuild(cache):
-    candidates, radius = rescore_all(truth, queries, keys, n_candidates)
+    candidates, radius = rescore_all(truth, queries, keys, n_candidates, key_norms)
     return RegretCache(candidates.astype(dtype), radius, planes, cache.age), no_greedy
 
   def score_every_cell(cache):
@@ -350,7 +401,7 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
   # where XLA fuses it with the rest of the round.
   cache, every_cell = jax.lax.switch(
       branch, [quiet, partial(small), partial(budget), rebuild, score_every_cell], cache)
-  greedy = jnp.where(branch == 4, every_cell, candidate_greedy(queries, keys, cache.candidates))
+  greedy = jnp.where(branch == 4, every_cell, _candidate_greedy(planes, keys, cache.candidates))
   cache = cache._replace(age=jnp.where(branch == 3, 0, jnp.minimum(cache.age + 1, 2**30)))
   regret = jnp.where(truth.weights > 0, greedy_regret(truth, greedy), 0.0)  # no weight: 0
   rescored = jnp.where(n_dirty > budget, dirty.size, n_dirty).astype(jnp.int32)

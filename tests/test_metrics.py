@@ -357,3 +357,18 @@ def test_a_cell_is_due_only_when_its_own_query_leaves_its_anchor():
     counts.append(int(count))
   assert counts == [1, 0, 0], counts
   np.testing.assert_array_equal(np.asarray(cache.anchor[:, 1, 2]), jumped[1, 2])
+
+
+def test_first_true_lists_the_first_dirty_cells_like_numpy():
+  """The compaction behind partial re-scoring: the flat indices of the first ``size`` True
+  cells in order, padded with 0, for masks that do and do not fill ``size`` (including
+  shapes that are not a multiple of its 128-cell blocks)."""
+  rng = np.random.default_rng(11)
+  first_true = jax.jit(metrics._first_true, static_argnums=1)
+  for shape, density, size in [((7, 45), 0.05, 8), ((7, 45), 0.3, 16), ((100, 100), 0.002, 64),
+                               ((100, 100), 0.5, 512), ((3, 5), 0.0, 4)]:
+    mask = rng.uniform(size=shape) < density
+    expected = np.flatnonzero(mask)[:size]
+    expected = np.concatenate([expected, np.zeros(size - len(expected), int)])
+    np.testing.assert_array_equal(np.asarray(first_true(jnp.asarray(mask), size)), expected,
+                                  err_msg=f"{shape} {density} {size}")
