@@ -136,9 +136,17 @@ class Case:
   regret_evaluation: str = "auto"
   erm_hessian: str = "carried"
   reference_seeds: int = 1
+  n_devices: int = 1  # host devices the seeds are split over (one per core: every core)
 
   def instance_key(self):
     return (self.n_users, self.n_contexts, self.n_actions, self.dim, self.latent_dim)
+
+
+def available_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
 
 
 def load1() -> float:
@@ -304,7 +312,11 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
   instances = jax.tree_util.tree_map(lambda x: x[None], instance)
   config.validate(case.n_actions, case.n_actions)
   keys = simulate.seed_keys(master_seed, np.arange(case.n_seeds))
-  kernel = simulate.make_chunk_kernel(config, case.horizon)
+  if jax.local_device_count() < case.n_devices:
+    raise ValueError(f"n_devices={case.n_devices} but this process has "
+                     f"{jax.local_device_count()} local devices; allowed: run the row in its "
+                     f"own subprocess (not --in-process), which makes them")
+  kernel = simulate.make_chunk_kernel(config, case.horizon, case.n_devices)
   states = simulate.init_states(config, instances, case.n_seeds)
   jax.block_until_ready(states)
   base_rss = peak_rss_mib()
@@ -475,6 +487,10 @@ def run_measurement(kind: str, case: Case, subprocess_mode: bool) -> dict:
 
 def worker_main(payload: str) -> None:
   spec = json.loads(payload)
+  if spec["case"].get("n_devices", 1) > 1:  # before JAX starts its CPU backend
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", spec["case"]["n_devices"])
   result = WORKERS[spec["kind"]](Case(**spec["case"]))
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -630,6 +646,11 @@ def table_cases(args):
   sizes = dict(n_users=args.users, n_contexts=args.contexts, n_actions=args.actions)
   main = Case("main (auto)", n_seeds=args.seeds, horizon=args.horizon,
               reference_seeds=args.reference_seeds, **sizes)
+  cores = available_cores()
+  # The same kernel with the seeds split over one host device per core (what
+  # the jaxbandit CLI does on a CPU), when the seeds divide evenly.
+  every_core = ([dataclasses.replace(main, label=f"main, {cores} devices", n_devices=cores)]
+                if cores > 1 and main.n_seeds % cores == 0 and not args.in_process else [])
   variant_sizes = dict(sizes, n_seeds=args.variant_seeds, horizon=args.variant_horizon,
                        reference_seeds=args.reference_seeds)
   variants = [Case(f"{b}/{r}", seed_batching=b, regret_evaluation=r, **variant_sizes)
@@ -640,7 +661,7 @@ def table_cases(args):
     # One size (--quick): 'auto' is 'map' on CPU, so the main row is map/incremental.
     variants = [v for v in variants if (v.seed_batching, v.regret_evaluation) !=
                 ("map", "incremental")]
-  return main, variants
+  return main, every_core + variants
 
 
 def table_mode(args) -> None:

@@ -160,13 +160,19 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
 
 
 def save_checkpoint(out_dir: str, config, progress: sim.Progress) -> None:
-  """Writes ``checkpoint.npz`` atomically: state, records so far, rounds done."""
+  """Writes ``checkpoint.npz`` atomically: state, records so far, rounds done.
+
+  Only the run's ``n_seeds`` seeds are saved, not the padding lanes of the
+  device count (see ``simulate``), so a run can resume under another device
+  count.
+  """
   arrays = {}
+  n_seeds = config.n_seeds
   leaves, _ = jax.tree_util.tree_flatten(jax.device_get(progress.states))
   for i, leaf in enumerate(leaves):
-    arrays[f"state_{i}"] = np.asarray(leaf)
+    arrays[f"state_{i}"] = np.asarray(leaf)[:, :n_seeds]
   for name, value in progress.records._asdict().items():
-    arrays[f"record_{name}"] = np.asarray(value)
+    arrays[f"record_{name}"] = np.asarray(value)[:, :n_seeds]
   arrays["rounds_done"] = np.asarray(progress.rounds_done)
   arrays["fingerprint"] = np.asarray(config_fingerprint(config))
   import io

@@ -551,8 +551,26 @@ def _preallocate_records(chunk: RoundRecord, horizon: int,
   if resume_from is not None:
     done = int(resume_from.rounds_done)
     for field, values in zip(history, resume_from.records):
-      field[..., :done] = values
+      saved = min(np.shape(values)[1], field.shape[1])  # seeds saved (padding may differ)
+      field[:, :saved, :done] = np.asarray(values)[:, :saved]
   return history
+
+
+def _resumed_states(config: SimulationConfig, instances: Instance, saved: SimState,
+                    lanes: int) -> SimState:
+  """Saved states (P, S_saved, ...) on ``lanes`` seed lanes.
+
+  A checkpoint holds the real seeds (and any padding of the device count it
+  was written under); padding lanes for this process's device count are
+  fresh states: their seed ids are beyond the run's and their records are
+  dropped, so they change no result.
+  """
+  saved = jax.tree_util.tree_map(jnp.asarray, saved)
+  n_saved = jax.tree_util.tree_leaves(saved)[0].shape[1]
+  if n_saved >= lanes:
+    return jax.tree_util.tree_map(lambda x: x[:, :lanes], saved)
+  extra = init_states(config, instances, lanes - n_saved)
+  return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=1), saved, extra)
 
 
 def _first_rounds(records: RoundRecord, rounds: int) -> RoundRecord:
@@ -668,7 +686,7 @@ def simulate(instances: Instance, config: SimulationConfig,
   lanes = len(seed_ids)
   done = 0 if resume_from is None else int(resume_from.rounds_done)
   states = (init_states(config, instances, lanes) if resume_from is None else
-            jax.tree_util.tree_map(jnp.asarray, resume_from.states))
+            _resumed_states(config, instances, resume_from.states, lanes))
   # Records of the whole horizon live in one preallocated host array per field,
   # each chunk copied into its slice: no list of chunks and no concatenation,
   # so the host holds the records once (plus one chunk in transit).
