@@ -638,9 +638,22 @@ def add_observation(model: ModelClass, choice_model: ChoiceModel, inverse: jax.A
     jac = (embedding[None, :, None] * features[:, None, :]).reshape(features.shape[0], -1)
     block = inverse
   projected = jac @ block  # (K, p)
-  inner = jnp.eye(hess.shape[0], dtype=hess.dtype) + hess @ (projected @ jac.T)
-  updated = block - projected.T @ jnp.linalg.solve(inner, hess @ projected)
-  updated = 0.5 * (updated + updated.T)
+  n = hess.shape[0]
+  inner = jnp.eye(n, dtype=hess.dtype) + hess @ (projected @ jac.T)
+  core = jnp.linalg.solve(inner, hess)  # (I + S J P J^T)^-1 S: symmetric (K, K)
+  core = 0.5 * (core + core.T)
+  if n <= 4:
+    # P J^T core J P as a sum of terms each symmetric elementwise, so the
+    # update keeps P exactly symmetric in one fused pass over it (no transpose).
+    change = sum(core[k, k] * jnp.outer(projected[k], projected[k]) for k in range(n))
+    for k in range(n):
+      for l in range(k + 1, n):
+        change = change + core[k, l] * (jnp.outer(projected[k], projected[l]) +
+                                        jnp.outer(projected[l], projected[k]))
+    updated = block - change
+  else:
+    updated = block - projected.T @ (core @ projected)
+    updated = 0.5 * (updated + updated.T)
   return inverse.at[user].set(updated) if model.per_user else updated
 
 

@@ -548,6 +548,8 @@ def test_add_observation_matches_numpy_inverse(model_name, choice_name, inst, rn
   expected = np_block_inverse(model, after)
   np.testing.assert_allclose(np.asarray(updated), expected, rtol=1e-4,
                              atol=1e-5 * np.abs(expected).max())
+  # Exactly symmetric, so that thousands of updates cannot drift apart from their transpose.
+  np.testing.assert_array_equal(np.asarray(updated), np.swapaxes(np.asarray(updated), -1, -2))
   # The new row changes the inverse (the test would catch an update left out).
   assert np.abs(np_block_inverse(model, before) - expected).max() > 1e-3 * np.abs(expected).max()
 
