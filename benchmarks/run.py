@@ -853,7 +853,8 @@ def breakdown_mode(args) -> None:
       (f"regret cache: greedy among K={n_candidates} candidates, every cell",
        jax.jit(lambda w: metrics.candidate_greedy(
            learner.score_queries(w), learner.score_keys,
-           jnp.zeros((n_candidates, case.n_contexts, case.n_users), jnp.int16))),
+           jnp.zeros((n_candidates, case.n_contexts, case.n_users),
+                     metrics.candidate_dtype(case.n_actions)))),
        params, cells * n_candidates * 2.0 * case.dim),
       ("ERM objective", jax.jit(lambda w: learners._objective(
           model, choice_model, w, data, ridge)), params,
@@ -940,11 +941,14 @@ def memory_mode(args) -> None:
   data_row = 4 + 4 + 2 * 4 + 1 * 4 + 1
   n_candidates = simulate.regret_candidates(simulate.SimulationConfig(), a)
   d = case.dim
-  cache = c * u * (4 + 2 * n_candidates + 4 * d)
+  from jaxbandit import metrics
+
+  candidate_bytes = np.dtype(metrics.candidate_dtype(a)).itemsize
+  cache = c * u * (4 + candidate_bytes * n_candidates + 4 * d)
   record = 8 * 4 + 1  # eight 4-byte fields and the bool converged flag
   items = [
       ("data buffer (horizon rows)", data_row * horizon, f"{data_row} B per row"),
-      ("regret cache C x U x (K + 1 + d)", cache, f"K={n_candidates} int16 candidates, radius "
+      ("regret cache C x U x (K + 1 + d)", cache, f"K={n_candidates} {np.dtype(metrics.candidate_dtype(a)).name} candidates, radius "
        f"float32, anchor query (d={d} float32)"),
       ("estimate Theta (m x q)", m * q * 4, ""),
       ("carried inverse Hessian (mq x mq), estimate and gradient", ((m * q)**2 + 2 * m * q) * 4,

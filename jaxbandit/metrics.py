@@ -191,7 +191,7 @@ class RegretCache(NamedTuple):
   drifted elsewhere. See :func:`update_regret_cache`.
 
   Attributes:
-    candidates: (K, n_contexts, n_users) int16/int32 candidate actions, slot 0
+    candidates: (K, n_contexts, n_users) uint8/int16/int32 candidate actions, slot 0
       the greedy action when the cell was scored (candidates lead, so that
       choosing among them reduces across cells in SIMD lanes).
     radius: (n_contexts, n_users) radius around the anchor; +inf for cells of
@@ -208,7 +208,10 @@ class RegretCache(NamedTuple):
 
 
 def candidate_dtype(n_actions: int):
-  """The smallest integer type of the candidate table (int16 up to 32,767 actions)."""
+  """The smallest integer type of the candidate table: uint8 up to 256 actions, int16 up
+  to 32,767, int32 beyond."""
+  if n_actions <= jnp.iinfo(jnp.uint8).max + 1:
+    return jnp.uint8
   return jnp.int16 if n_actions <= jnp.iinfo(jnp.int16).max else jnp.int32
 
 
