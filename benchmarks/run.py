@@ -30,6 +30,9 @@ What a row measures (STYLE.md, "benchmarks"):
 * analytic MFLOP per seed-round (formula below), achieved GFLOP/s and the
   fraction of a float32 ``jnp.matmul`` peak (2048 x 2048, best of 5) measured
   in the same run;
+* the row ``main, N devices`` (N = the available cores, when N > 1 and it
+  divides the seeds) is the main row's kernel with the seeds split over one
+  host device per core, as the ``jaxbandit`` console script runs it;
 * the speedup over ``benchmarks/numpy_reference.py`` on the same instance at
   the same horizon. The reference is a loop over seeds whose seeds cost the
   same in expectation, so it runs on fewer seeds (``ref seeds``) and its time
