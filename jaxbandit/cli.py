@@ -221,9 +221,9 @@ def use_every_core() -> int:
   """Makes one JAX host device per CPU core available to this process; returns the count.
 
   ``simulate`` splits the seeds over the local devices, so on a CPU the seeds
-  then run on every core at once instead of one after another (about 1.45x on
-  2 cores, with bit-identical results: a seed's draws do not depend on the
-  device count). Nothing changes when ``XLA_FLAGS`` already sets
+  then run on every core at once instead of one after another (1.45-1.7x
+  measured on 2 cores, with the same results: a seed's draws do not depend
+  on the device count). Nothing changes when ``XLA_FLAGS`` already sets
   ``--xla_force_host_platform_device_count`` (set it to 1 to opt out) or when
   JAX has already started (a Python session that called JAX before), and on
   an accelerator the CPU devices are not used for the kernel.

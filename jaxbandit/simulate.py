@@ -61,11 +61,12 @@ class SimulationConfig:
     regret_evaluation: 'full' scores every (context, user, action) each
       round (always so with ``record_kl``, which needs every score anyway);
       'incremental' keeps the same exact regret from ``regret_candidates``
-      scores per cell, re-scoring every action of a cell only once the
-      estimate has moved far enough to bring a non-candidate level with its
-      greedy action (see ``metrics.RegretCache``); 'auto' is 'incremental'
-      with 'map' batching and 'full' with 'vmap' (where every branch of the
-      cache's update runs each round: measured 2.5x slower than 'full').
+      scores per cell, re-scoring every action of a cell only once its query
+      has moved far enough from where it was last scored to bring a
+      non-candidate level with its greedy action (see
+      ``metrics.RegretCache``); 'auto' is 'incremental' with 'map' batching
+      and 'full' with 'vmap' (where every branch of the cache's update runs
+      each round: measured about 3x slower than 'full').
     rescore_budget: cells re-scored one by one before falling back to a full
       evaluation ('incremental' only).
     regret_candidates: K candidate actions kept per cell ('incremental'
