@@ -46,7 +46,8 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
     regret (per round)  scores are <g, a> with the query g = W_i^T x (d numbers):
         queries Q = 2 C U d^2 + 2 U m q (user matrices, then every cell's g);
         'full':        Q + C U A 2d (every cell, every action);
-        'incremental': 2Q (the query and its move since the reference)
+        'incremental': Q + C U 3d (the queries and each cell's move from
+                       its anchor)
                        + C U K 2d (K = regret_candidates scores per cell)
                        + cells_scored * A 5d (a re-scored cell's scores and
                        its actions' distances to the greedy one), with
@@ -244,8 +245,8 @@ def regret_flops(cells_scored, n_contexts, n_actions, n_users, d, q, m, candidat
   queries = 2.0 * n_contexts * n_users * d * d + 2.0 * n_users * m * q
   if candidates is None:
     return queries + n_contexts * n_users * n_actions * 2.0 * d + 0 * cells
-  return (2 * queries + n_contexts * n_users * candidates * 2.0 * d +
-          cells * n_actions * 5.0 * d)
+  return (queries + n_contexts * n_users * 3.0 * d +
+          n_contexts * n_users * candidates * 2.0 * d + cells * n_actions * 5.0 * d)
 
 
 def flops_per_seed_round(case: Case, records, config) -> dict:
