@@ -948,12 +948,13 @@ def memory_mode(args) -> None:
   from jaxbandit import metrics
 
   candidate_bytes = np.dtype(metrics.candidate_dtype(a)).itemsize
-  cache = c * u * (4 + candidate_bytes * n_candidates + 4 * d)
+  anchor_bytes = np.dtype(metrics.ANCHOR_DTYPE).itemsize
+  cache = c * u * (4 + candidate_bytes * n_candidates + anchor_bytes * d)
   record = 8 * 4 + 1  # eight 4-byte fields and the bool converged flag
   items = [
       ("data buffer (horizon rows)", data_row * horizon, f"{data_row} B per row"),
       ("regret cache C x U x (K + 1 + d)", cache, f"K={n_candidates} {np.dtype(metrics.candidate_dtype(a)).name} candidates, radius "
-       f"float32, anchor query (d={d} float32)"),
+       f"float32, anchor query (d={d} {np.dtype(metrics.ANCHOR_DTYPE).name})"),
       ("estimate Theta (m x q)", m * q * 4, ""),
       ("carried inverse Hessian (mq x mq), estimate and gradient", ((m * q)**2 + 2 * m * q) * 4,
        "erm_hessian='carried' (the "

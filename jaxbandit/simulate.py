@@ -465,8 +465,9 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
                                    config.top_m is None) else (config.top_m or 1)
   row = 4 * (2 + config.slate_size + n_ranked) + 1
   candidate_bytes = jnp.dtype(metrics.candidate_dtype(n_actions)).itemsize
+  anchor_bytes = jnp.dtype(metrics.ANCHOR_DTYPE).itemsize
   cache = n_contexts * n_users * (4 + candidate_bytes * regret_candidates(config, n_actions) +
-                                  4 * n_factors)
+                                  anchor_bytes * n_factors)
   per_seed = (config.horizon * row + cache + 8 * n_params +
               4 * n_solver)
   lanes = n_populations * n_seeds

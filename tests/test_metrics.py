@@ -356,7 +356,17 @@ def test_a_cell_is_due_only_when_its_own_query_leaves_its_anchor():
     np.testing.assert_allclose(np.asarray(regret), expected, atol=1e-6)
     counts.append(int(count))
   assert counts == [1, 0, 0], counts
-  np.testing.assert_array_equal(np.asarray(cache.anchor[:, 1, 2]), jumped[1, 2])
+  # The anchor is the query in half precision; the radius kept is the scored one less
+  # that rounding error, so distances from the stored anchor stay safe.
+  anchor = np.asarray(cache.anchor[:, 1, 2])
+  assert anchor.dtype == np.float16
+  np.testing.assert_array_equal(anchor, jumped[1, 2].astype(np.float16))
+  error = np.linalg.norm(jumped[1, 2].astype(np.float64) - anchor.astype(np.float64))
+  assert error > 0
+  _, fresh = jax.jit(metrics.rescore_all, static_argnums=3)(
+      truth, jnp.asarray(jumped), jnp.asarray(keys), 2)
+  np.testing.assert_allclose(float(cache.radius[1, 2]) + error, float(fresh[1, 2]),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_first_true_lists_the_first_dirty_cells_like_numpy():
