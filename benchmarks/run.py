@@ -321,7 +321,19 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
                      f"{jax.local_device_count()} local devices; allowed: run the row in its "
                      f"own subprocess (not --in-process), which makes them")
   kernel = simulate.make_chunk_kernel(config, case.horizon, case.n_devices)
-  states = simulate.init_states(config, instances, case.n_seeds)
+  place = lambda tree: tree  # one device: arrays stay where they are
+  if case.n_devices > 1:
+    # Inputs laid out as the kernel splits them (seeds over devices), so the
+    # compiled kernel is timed without moving them first.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.local_devices()[:case.n_devices]), ("seeds",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    instances = jax.device_put(instances, replicated)
+    params = jax.device_put(params, replicated)
+    keys = jax.device_put(keys, NamedSharding(mesh, PartitionSpec("seeds")))
+    place = lambda tree: jax.device_put(tree, NamedSharding(mesh, PartitionSpec(None, "seeds")))
+  states = place(simulate.init_states(config, instances, case.n_seeds))
   jax.block_until_ready(states)
   base_rss = peak_rss_mib()
   load_before = load1()
@@ -340,7 +352,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
   run_times, cpu_times = [], []
   for repeat in range(repeats):
     if repeat > 0:  # the previous states were donated
-      states = simulate.init_states(config, instances, case.n_seeds)
+      states = place(simulate.init_states(config, instances, case.n_seeds))
       jax.block_until_ready(states)
     cpu_start = time.process_time()
     start = time.perf_counter()
