@@ -243,38 +243,38 @@ def _anchored(planes, radius):
   return anchor, radius - error
 
 
-def _key_norms(keys):
+def key_norms(keys):
+  """``max_a ||k_ca||`` per context (C,): a constant of the keys (C, A, r)."""
   return jnp.max(jnp.linalg.norm(keys, axis=-1), axis=-1)  # (C,)
 
 
-def rescore_all(truth: TruthTables, queries, keys, n_candidates: int, key_norms=None):
+def rescore_all(truth: TruthTables, queries, keys, n_candidates: int, norms=None):
   """Candidates (K, C, U) and radii (C, U) of every cell.
 
-  ``key_norms`` (C,): ``max_a ||k_ca||``, a constant of the keys; computed
-  here when not given.
+  ``norms``: :func:`key_norms` of ``keys``, computed here when not given.
   """
   n_contexts = keys.shape[0]
-  key_norms = _key_norms(keys) if key_norms is None else key_norms
+  norms = key_norms(keys) if norms is None else norms
   scores, by_action = _scores_by_action(truth, queries, keys)  # (A, C, U)
   rows = jnp.arange(n_contexts)[:, None]
   candidates, radius = _rescore(scores, truth.support.T[:, :, None], by_action,
                                 lambda best: keys[rows, best], jnp.linalg.norm(queries, axis=-1),
-                                key_norms[:, None], n_candidates)
+                                norms[:, None], n_candidates)
   return candidates, jnp.where(truth.weights > 0, radius, jnp.inf)
 
 
 def rescore_cells(truth: TruthTables, contexts, users, queries, keys, n_candidates: int,
-                  key_norms=None):
+                  norms=None):
   """Candidates (K, B) and radii (B,) of the cells ``(contexts (B,), users (B,))``
-  (``key_norms`` as in :func:`rescore_all`)."""
-  key_norms = _key_norms(keys) if key_norms is None else key_norms
+  (``norms`` as in :func:`rescore_all`)."""
+  norms = key_norms(keys) if norms is None else norms
   query = queries[contexts, users]  # (B, r)
   key = jnp.swapaxes(keys[contexts], 0, 1)  # (A, B, r)
   scores = factor_scores(query[None, :, :], key)  # (A, B)
   candidates, radius = _rescore(
       scores, truth.support[contexts].T, key,
       lambda best: jnp.take_along_axis(key, best[None, :, None], axis=0)[0],
-      jnp.linalg.norm(query, axis=-1), key_norms[contexts], n_candidates)
+      jnp.linalg.norm(query, axis=-1), norms[contexts], n_candidates)
   return candidates, jnp.where(truth.weights[contexts, users] > 0, radius, jnp.inf)
 
 
@@ -358,7 +358,7 @@ _REBUILD_AFTER = 8
 
 
 def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, queries_of, keys,
-                        budget: int):
+                        budget: int, norms=None):
   """Brings the cache up to ``estimate`` and returns the exact per-cell regret.
 
   Args:
@@ -368,6 +368,8 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
     queries_of: ``params -> (C, U, r)`` the learner's queries (linear in params).
     keys: (C, A, r) the learner's action keys.
     budget: most cells re-scored individually before every cell is (static).
+    norms: :func:`key_norms` of ``keys``; pass it from outside the round loop
+      (a constant), or it is computed here.
 
   Returns:
     ``(cache, cell_regret (C, U), rescored)``: the updated cache, the regret of
@@ -386,7 +388,7 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
   n_dirty = jnp.sum(dirty)
   n_users = truth.weights.shape[1]
   dtype = cache.candidates.dtype
-  key_norms = _key_norms(keys)  # constant: outside the branches, so XLA can hoist it
+  norms = key_norms(keys) if norms is None else norms
 
   no_greedy = jnp.zeros(dirty.shape, jnp.int32)
 
@@ -398,7 +400,7 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
       cells = _first_true(dirty, size)
       contexts, users = cells // n_users, cells % n_users
       candidates, radius = rescore_cells(truth, contexts, users, queries, keys, n_candidates,
-                                         key_norms)
+                                         norms)
       anchor, radius = _anchored(planes[:, contexts, users], radius)
       return cache._replace(
           candidates=cache.candidates.at[:, contexts, users].set(candidates.astype(dtype)),
@@ -407,7 +409,7 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
     return rescore
 
   def rebuild(cache):
-    candidates, radius = rescore_all(truth, queries, keys, n_candidates, key_norms)
+    candidates, radius = rescore_all(truth, queries, keys, n_candidates, norms)
     anchor, radius = _anchored(planes, radius)
     return RegretCache(candidates.astype(dtype), radius, anchor, cache.age), no_greedy
 

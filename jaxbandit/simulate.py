@@ -287,6 +287,8 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
   n_ranked = choice_model.outcome_size(config.slate_size)
   carried = carries_hessian(config, learner)
+  # A constant of the keys, computed once here rather than in every round.
+  key_norms = None if learner.score_keys is None else metrics.key_norms(learner.score_keys)
   table = None
   if config.data_layout == "table":
     table = learners_lib.empty_table(instance.n_contexts, instance.n_users, instance.n_actions,
@@ -305,7 +307,7 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     if factored and resolve_regret_evaluation(config) == "incremental" and not config.record_kl:
       cache, per_cell, rescored = metrics.update_regret_cache(
           truth, cache, state.params, learner.score_queries, learner.score_keys,
-          config.rescore_budget)
+          config.rescore_budget, key_norms)
     else:
       rescored = jnp.asarray(truth.weights.size, jnp.int32)
       if estimate is None and factored:
