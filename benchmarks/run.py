@@ -146,13 +146,6 @@ class Case:
     return (self.n_users, self.n_contexts, self.n_actions, self.dim, self.latent_dim)
 
 
-def available_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    return os.cpu_count() or 1
-
-
 def load1() -> float:
   return float(os.getloadavg()[0])
 
@@ -321,19 +314,18 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
                      f"{jax.local_device_count()} local devices; allowed: run the row in its "
                      f"own subprocess (not --in-process), which makes them")
   kernel = simulate.make_chunk_kernel(config, case.horizon, case.n_devices)
-  place = lambda tree: tree  # one device: arrays stay where they are
-  if case.n_devices > 1:
-    # Inputs laid out as the kernel splits them (seeds over devices), so the
-    # compiled kernel is timed without moving them first.
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  def fresh_states():
+    # Several devices: every input laid out as the kernel splits them, so the
+    # compiled kernel is timed without moving them first (placing an input
+    # that is already in place is free).
+    nonlocal instances, params, keys
+    states = simulate.init_states(config, instances, case.n_seeds)
+    if case.n_devices > 1:
+      instances, params, keys, states = simulate.place_on_devices(
+          case.n_devices, instances, params, keys, states)
+    return states
 
-    mesh = Mesh(np.asarray(jax.local_devices()[:case.n_devices]), ("seeds",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    instances = jax.device_put(instances, replicated)
-    params = jax.device_put(params, replicated)
-    keys = jax.device_put(keys, NamedSharding(mesh, PartitionSpec("seeds")))
-    place = lambda tree: jax.device_put(tree, NamedSharding(mesh, PartitionSpec(None, "seeds")))
-  states = place(simulate.init_states(config, instances, case.n_seeds))
+  states = fresh_states()
   jax.block_until_ready(states)
   base_rss = peak_rss_mib()
   load_before = load1()
@@ -352,7 +344,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
   run_times, cpu_times = [], []
   for repeat in range(repeats):
     if repeat > 0:  # the previous states were donated
-      states = place(simulate.init_states(config, instances, case.n_seeds))
+      states = fresh_states()
       jax.block_until_ready(states)
     cpu_start = time.process_time()
     start = time.perf_counter()
@@ -662,6 +654,8 @@ def table_cases(args):
   sizes = dict(n_users=args.users, n_contexts=args.contexts, n_actions=args.actions)
   main = Case("main (auto)", n_seeds=args.seeds, horizon=args.horizon,
               reference_seeds=args.reference_seeds, **sizes)
+  from jaxbandit.cli import available_cores
+
   cores = available_cores()
   # The same kernel with the seeds split over one host device per core (what
   # the jaxbandit CLI does on a CPU), when the seeds divide evenly.

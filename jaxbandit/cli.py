@@ -217,6 +217,14 @@ def _plot(args) -> int:
   return 0
 
 
+def available_cores() -> int:
+  """CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
 def use_every_core() -> int:
   """Makes one JAX host device per CPU core available to this process; returns the count.
 
@@ -232,10 +240,7 @@ def use_every_core() -> int:
 
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return 0
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    cores = os.cpu_count() or 1
+  cores = available_cores()
   try:
     jax.config.update("jax_num_cpu_devices", max(cores, 1))
   except RuntimeError:  # the backend is already initialised: keep its devices

@@ -426,9 +426,9 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
       return _map_in_place(
           lambda i, state: over_seeds(pick(instances, i), pick(params, i), keys, state), states)
   if n_devices > 1:
-    from jax.sharding import Mesh, PartitionSpec
+    from jax.sharding import PartitionSpec
 
-    mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), ("seeds",))
+    mesh = seed_mesh(n_devices)
     over_populations = jax.shard_map(
         over_populations, mesh=mesh,
         in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec("seeds"),
@@ -442,6 +442,27 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
     return over_populations(instances, params, keys, states)
 
   return jax.jit(lanes, donate_argnums=(3,))
+
+
+def seed_mesh(n_devices: int):
+  """The one-axis ``("seeds",)`` mesh of the first ``n_devices`` local devices."""
+  from jax.sharding import Mesh
+
+  return Mesh(np.asarray(jax.local_devices()[:n_devices]), ("seeds",))
+
+
+def place_on_devices(n_devices: int, instances, params, keys, states):
+  """``(instances, params, keys, states)`` laid out as ``make_chunk_kernel(...,
+  n_devices)`` splits them: instances and params on every device, keys (S,) and
+  states (P, S, ...) split along the seeds. A compiled kernel then runs
+  without moving its inputs first."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  mesh = seed_mesh(n_devices)
+  every = NamedSharding(mesh, PartitionSpec())
+  return (jax.device_put(instances, every), jax.device_put(params, every),
+          jax.device_put(keys, NamedSharding(mesh, PartitionSpec("seeds"))),
+          jax.device_put(states, NamedSharding(mesh, PartitionSpec(None, "seeds"))))
 
 
 def init_states(config: SimulationConfig, instances: Instance, n_seeds: int) -> SimState:
