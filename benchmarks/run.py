@@ -750,14 +750,35 @@ def scaling_mode(args) -> None:
     print(f"{sweep}: seeds {n_seeds} horizon {horizon}: compile {row['compile_s']:.1f} s, "
           f"run {row['run_s']:.2f} s, ref {row['reference_s_scaled']:.2f} s", flush=True)
     rows.append(row)
+  slopes = {sweep: scaling_slope(rows, sweep, minimum=args.slope_from if sweep == "seeds" else 0)
+            for sweep in ("horizon", "seeds")}
   meta = {"machine": machine_info(), "mode": "scaling", "sizes": sizes,
-          "total_seconds": time.time() - started, "args": vars(args)}
+          "total_seconds": time.time() - started, "args": vars(args), "slopes": slopes}
   write_outputs(args.out, "scaling", rows, meta, SCALING_COLUMNS)
   plot_scaling(rows, os.path.join(args.out, "scaling.png"), sizes)
   print()
   print(format_table(rows, SCALING_COLUMNS))
+  for sweep, fit in slopes.items():
+    if fit is not None:
+      print(f"run time ~ {sweep}^{fit['slope']:.3f} (log-log least squares over "
+            f"{sweep} {fit['from']}-{fit['to']}, {fit['points']} points; 1 = linear)")
   print(f"\nwrote {args.out}/scaling.csv, scaling.json, scaling.png "
         f"({time.time() - started:.0f} s total)")
+
+
+def scaling_slope(rows, sweep: str, minimum: int = 0):
+  """Least-squares slope of log(run seconds) against log(seeds or horizon) over the
+  ``sweep`` points whose swept value is at least ``minimum``: 1 means linear.
+  None with fewer than two such points."""
+  key = "seeds" if sweep == "seeds" else "horizon"
+  points = [r for r in rows if r["sweep"] == sweep and r[key] >= minimum]
+  if len(points) < 2:
+    return None
+  x = np.log([r[key] for r in points])
+  y = np.log([r["run_s"] for r in points])
+  slope = float(np.polyfit(x, y, 1)[0])
+  return {"slope": slope, "from": min(r[key] for r in points),
+          "to": max(r[key] for r in points), "points": len(points)}
 
 
 def plot_scaling(rows, path, sizes) -> None:
@@ -1053,6 +1074,8 @@ def parse_args(argv=None):
   p.add_argument("--variant-horizon", type=int, help="horizon of the batching/regret rows")
   p.add_argument("--scaling-horizons", default="100,200,400,800")
   p.add_argument("--scaling-seeds", default="1,2,4,8,16")
+  p.add_argument("--slope-from", type=int, default=16,
+                 help="fit the seeds slope over points with at least this many seeds")
   p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
   p.add_argument("--in-process", action="store_true",
                  help="run every row in this process (peak RSS then accumulates)")
