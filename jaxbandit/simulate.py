@@ -712,6 +712,12 @@ def simulate(instances: Instance, config: SimulationConfig,
   done = 0 if resume_from is None else int(resume_from.rounds_done)
   states = (init_states(config, instances, lanes) if resume_from is None else
             _resumed_states(config, instances, resume_from.states, lanes))
+  if n_local > 1:
+    # Inputs laid out as the kernel returns its states, so that every chunk calls
+    # the kernel with the same shardings: unplaced first inputs compiled it twice
+    # (once for them, once for the sharded states of the second chunk).
+    instances, params, keys, states = place_on_devices(n_local, instances, params, keys,
+                                                       states)
   # Records of the whole horizon live in one preallocated host array per field,
   # each chunk copied into its slice: no list of chunks and no concatenation,
   # so the host holds the records once (plus one chunk in transit).

@@ -128,12 +128,16 @@ RESUME_SCRIPT = textwrap.dedent("""
     for a, b in zip(whole.records, resumed.records):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     print("resumed-identical")
+    # Chunks after the first reuse its compiled kernel (same input shardings).
+    S.simulate(inst, config, n_seeds=4, master_seed=5, chunk_size=2, n_devices=2)
+    print("compiled", S.make_chunk_kernel(config, 2, 2)._cache_size())
 """)
 
 
 def test_resume_on_more_devices_pads_fresh_lanes(tmp_path):
   """A run stopped on one device and resumed with its seeds split over two (one padding lane
-  more) gives the records of an uninterrupted run, bit for bit."""
+  more) gives the records of an uninterrupted run, bit for bit; and a run of several chunks on
+  two devices compiles its chunk kernel once."""
   script = tmp_path / "resume.py"
   script.write_text(RESUME_SCRIPT)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -141,3 +145,4 @@ def test_resume_on_more_devices_pads_fresh_lanes(tmp_path):
                         timeout=300)
   assert done.returncode == 0, done.stdout + done.stderr
   assert "resumed-identical" in done.stdout
+  assert "compiled 1" in done.stdout, done.stdout
