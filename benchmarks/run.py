@@ -7,11 +7,13 @@ Usage::
     python benchmarks/run.py --scaling           # time against horizon and seeds (PNG)
     python benchmarks/run.py --breakdown --horizon 5000   # one round's pieces, timed
     python benchmarks/run.py --memory            # 1024 seeds x 10000 rounds: analytic + XLA
+    python benchmarks/run.py --figure            # the full paper-users figure, projected
     python benchmarks/run.py --seeds 16 --horizon 1000 --users 50 --out results/bench
 
 Every run prints ONE table and writes it as ``bench.csv`` / ``bench.json``
 (``scaling.*`` and ``scaling.png`` with ``--scaling``, ``breakdown.*`` with
-``--breakdown``, ``memory.*`` with ``--memory``) into ``--out`` (default
+``--breakdown``, ``memory.*`` with ``--memory``, ``figure.*`` with ``--figure``) into
+``--out`` (default
 ``results/bench``). Measured tables and their reading: ``benchmarks/RESULTS.md``.
 
 What a row measures (STYLE.md, "benchmarks"):
@@ -495,6 +497,10 @@ def run_measurement(kind: str, case: Case, subprocess_mode: bool) -> dict:
 
 def worker_main(payload: str) -> None:
   spec = json.loads(payload)
+  if spec["kind"] == "figure":
+    result = measure_figure(spec["spec"])
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return
   if spec["case"].get("n_devices", 1) > 1:  # before JAX starts its CPU backend
     import jax
 
@@ -764,6 +770,109 @@ def scaling_mode(args) -> None:
             f"{sweep} {fit['from']}-{fit['to']}, {fit['points']} points; 1 = linear)")
   print(f"\nwrote {args.out}/scaling.csv, scaling.json, scaling.png "
         f"({time.time() - started:.0f} s total)")
+
+
+# ---------------------------------------------------------------------------
+# The full figure: every population, every core, projected to the target's seeds
+# ---------------------------------------------------------------------------
+
+FIGURE_COLUMNS = [
+    ("populations", "populations"), ("devices", "devices"), ("seeds", "seeds"),
+    ("horizon", "horizon"), ("chunks", "chunks"), ("compile s", "compile_s"),
+    ("run s", "run_s"), ("seed-rounds/s", "seed_rounds_per_s"),
+    ("target seeds", "target_seeds"), ("projected s", "projected_s"),
+    ("target s", "target_s"), ("projected / target", "ratio"),
+    ("cum. regret (mean per population)", "cumulative_regret"), ("load1", "load1"),
+]
+
+
+def measure_figure(spec: dict) -> dict:
+  """Runs the paper-users preset (all its populations stacked, as ``jaxbandit run``
+  does) at ``spec["seeds"]`` x ``spec["horizon"]`` on every core: compile and run seconds."""
+  from jaxbandit import cli
+
+  devices = cli.use_every_core()
+  import jax
+
+  from jaxbandit import experiment
+  from jaxbandit import instance as instance_lib
+  from jaxbandit import presets
+  from jaxbandit import simulate
+
+  config = presets.with_overrides(presets.get_preset("paper-users"), n_seeds=spec["seeds"],
+                                  horizon=spec["horizon"])
+  accepted = experiment.build_instances(config)
+  stacked = instance_lib.stack_instances([a.instance for a in accepted])
+  params = simulate.SimulationParams.make(config.beta, config.ridge, config.mixture_weight)
+  # Compile time as JAX reports it (tracing, lowering, XLA compile: the same
+  # span as the table's compile column), summed over the run's compiles.
+  compiling = []
+  listening = [True]
+
+  def on_duration(name, seconds, **_):
+    if listening[0] and name.startswith("/jax/core/compile/"):
+      compiling.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  marks = [time.perf_counter()]
+
+  def between_chunks(progress) -> bool:
+    marks.append(time.perf_counter())
+    return False
+
+  load_before = load1()
+  result = simulate.simulate(stacked, config.simulation_config(), params,
+                             n_seeds=config.n_seeds, chunk_size=config.chunk_size,
+                             callback=between_chunks)
+  listening[0] = False
+  compile_s = float(sum(compiling))
+  run_s = marks[-1] - marks[0] - compile_s
+  cumulative = result.cumulative_regret()[..., -1].mean(axis=1)
+  return {"populations": list(config.populations), "devices": jax.local_device_count(),
+          "cores_used": devices, "seeds": config.n_seeds, "horizon": config.horizon,
+          "chunks": len(marks) - 1, "chunk_seconds": np.diff(marks).tolist(),
+          "compile_s": compile_s, "compiles": len(compiling), "run_s": run_s,
+          "seed_rounds": len(config.populations) * config.n_seeds * config.horizon,
+          "cumulative_regret": cumulative.tolist(), "load1_before": load_before,
+          "load1_after": load1()}
+
+
+def figure_row(result: dict, target_seeds: int, target_seconds: float) -> dict:
+  """The table row of :func:`measure_figure`, its run time projected linearly to
+  ``target_seeds`` seeds per population (plus the compile, paid once)."""
+  projected = result["compile_s"] + result["run_s"] * target_seeds / result["seeds"]
+  return {"populations": ",".join(str(u) for u in result["populations"]),
+          "devices": result["devices"], "seeds": result["seeds"],
+          "horizon": result["horizon"], "chunks": result["chunks"],
+          "compile_s": result["compile_s"], "run_s": result["run_s"],
+          "seed_rounds_per_s": result["seed_rounds"] / result["run_s"],
+          "target_seeds": target_seeds, "projected_s": projected,
+          "target_s": target_seconds, "ratio": projected / target_seconds,
+          "cumulative_regret": " / ".join(f"{c:.1f}" for c in result["cumulative_regret"]),
+          "load1": f"{result['load1_before']:.1f}-{result['load1_after']:.1f}"}
+
+
+def figure_mode(args) -> None:
+  started = time.time()
+  spec = {"seeds": args.figure_seeds, "horizon": args.figure_horizon}
+  if args.in_process:
+    result = measure_figure(spec)
+  else:  # a fresh process, so that it can make one host device per core
+    payload = json.dumps({"kind": "figure", "spec": spec})
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", payload],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=REPO_ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+      raise RuntimeError(f"figure worker failed (exit {proc.returncode}):\n"
+                         f"{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+  row = figure_row(result, args.figure_target_seeds, args.figure_target_seconds)
+  meta = {"machine": machine_info(), "mode": "figure", "result": result,
+          "total_seconds": time.time() - started, "args": vars(args)}
+  write_outputs(args.out, "figure", [row], meta, FIGURE_COLUMNS)
+  print(format_table([row], FIGURE_COLUMNS))
+  print(f"\nwrote {args.out}/figure.csv, figure.json ({time.time() - started:.0f} s total)")
 
 
 def scaling_slope(rows, sweep: str, minimum: int = 0):
@@ -1076,6 +1185,14 @@ def parse_args(argv=None):
   p.add_argument("--scaling-seeds", default="1,2,4,8,16")
   p.add_argument("--slope-from", type=int, default=16,
                  help="fit the seeds slope over points with at least this many seeds")
+  p.add_argument("--figure", action="store_true",
+                 help="the paper-users preset (every population, every core) at "
+                      "--figure-seeds x --figure-horizon, its run time projected to "
+                      "--figure-target-seeds seeds")
+  p.add_argument("--figure-seeds", type=int, default=4)
+  p.add_argument("--figure-horizon", type=int, default=5000)
+  p.add_argument("--figure-target-seeds", type=int, default=1000)
+  p.add_argument("--figure-target-seconds", type=float, default=600.0)
   p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
   p.add_argument("--in-process", action="store_true",
                  help="run every row in this process (peak RSS then accumulates)")
@@ -1103,6 +1220,8 @@ def main(argv=None) -> None:
     breakdown_mode(args)
   elif args.memory:
     memory_mode(args)
+  elif args.figure:
+    figure_mode(args)
   else:
     table_mode(args)
 

@@ -55,3 +55,15 @@ def test_scaling_slope_fits_only_points_from_the_minimum():
   mixed = rows("horizon", [100, 200], [1.0, 9.0]) + rows("seeds", [32], [1.0])
   assert bench.scaling_slope(mixed, "seeds") is None
   assert bench.scaling_slope(mixed, "horizon")["slope"] == pytest.approx(np.log2(9.0))
+
+
+def test_figure_row_projects_linearly_in_seeds():
+  bench = load_benchmarks()
+  result = {"populations": [10, 50, 100], "devices": 2, "seeds": 4, "horizon": 5000,
+            "chunks": 20, "compile_s": 9.0, "run_s": 80.0, "seed_rounds": 3 * 4 * 5000,
+            "cumulative_regret": [1.0, 2.0, 3.0], "load1_before": 1.0, "load1_after": 2.0}
+  row = bench.figure_row(result, target_seeds=1000, target_seconds=600.0)
+  assert row["projected_s"] == pytest.approx(9.0 + 80.0 * 250)
+  assert row["ratio"] == pytest.approx((9.0 + 80.0 * 250) / 600.0)
+  assert row["seed_rounds_per_s"] == pytest.approx(60000 / 80.0)
+  assert row["populations"] == "10,50,100"
