@@ -12,9 +12,9 @@ Usage::
 
 Every run prints ONE table and writes it as ``bench.csv`` / ``bench.json``
 (``scaling.*`` and ``scaling.png`` with ``--scaling``, ``breakdown.*`` with
-``--breakdown``, ``memory.*`` with ``--memory``, ``figure.*`` with ``--figure``) into
-``--out`` (default
-``results/bench``). Measured tables and their reading: ``benchmarks/RESULTS.md``.
+``--breakdown``, ``memory.*`` with ``--memory``, ``figure.*`` with
+``--figure``) into ``--out`` (default ``results/bench``). Measured tables and
+their reading: ``benchmarks/RESULTS.md``.
 
 What a row measures (STYLE.md, "benchmarks"):
 
