@@ -57,6 +57,7 @@ sweepable: beta, ridge, mixture_weight, reward_scale, head_rank, min_gap, proble
   jaxbandit bench --quick          # about 2 minutes: compile, run, seed-rounds/s, GFLOP/s,
                                    # memory, speedup over the NumPy reference
   jaxbandit bench --scaling        # time against horizon and seeds, with a figure
+  jaxbandit bench --figure         # the whole paper-users figure, projected to 1,000 seeds
   jaxbandit bench -- --help        # every option of benchmarks/run.py""",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   bench.add_argument("bench_args", nargs=argparse.REMAINDER,
