@@ -235,12 +235,17 @@ def empty_regret_cache(n_contexts: int, n_users: int, n_actions: int, n_candidat
                      jnp.asarray(_REBUILD_AFTER, jnp.int32))
 
 
+def _distance(planes, anchor):
+  """Euclidean distance (...) between factor-major queries ``planes`` (r, ...) and stored
+  ``anchor`` planes, summed plane by plane (contiguous, unlike the short factor axis)."""
+  return jnp.sqrt(sum((planes[j] - anchor[j].astype(planes.dtype))**2
+                      for j in range(planes.shape[0])))
+
+
 def _anchored(planes, radius):
   """Anchors ``planes`` (r, ...) in ``ANCHOR_DTYPE`` and the radius less their rounding error."""
   anchor = planes.astype(ANCHOR_DTYPE)
-  error = jnp.sqrt(sum((planes[j] - anchor[j].astype(planes.dtype))**2
-                       for j in range(planes.shape[0])))
-  return anchor, radius - error
+  return anchor, radius - _distance(planes, anchor)
 
 
 def key_norms(keys):
@@ -382,8 +387,7 @@ def update_regret_cache(truth: TruthTables, cache: RegretCache, estimate, querie
   # Factor-major (r, C, U) planes: the move is then a sum of r contiguous planes
   # (XLA:CPU took over ten times longer over the short trailing factor axis).
   planes = jnp.moveaxis(queries, -1, 0)
-  moved = jnp.sqrt(sum((planes[j] - cache.anchor[j].astype(planes.dtype))**2
-                       for j in range(planes.shape[0])))  # (C, U) from each cell's anchor
+  moved = _distance(planes, cache.anchor)  # (C, U) from each cell's anchor
   dirty = cache.radius <= moved
   n_dirty = jnp.sum(dirty)
   n_users = truth.weights.shape[1]
