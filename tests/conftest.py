@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib.util
 import inspect
 import os
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,17 @@ assert not jax.config.jax_enable_x64, "the package is tested in float32 (x64 off
 # Console scripts the tests start (subprocesses inherit this) compile afresh and write
 # nothing under the user's cache folder; test_cli checks the cache on its own folder.
 os.environ.setdefault("JAXBANDIT_NO_COMPILATION_CACHE", "1")
+
+
+def load_benchmark_module(filename: str):
+  """Imports ``benchmarks/<filename>`` by path (``benchmarks`` is not installed)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / filename
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
 
 # The shape shared by most tests: 4 contexts, 5 actions, d=2, J=3, 3 users.
 TINY_SIZES = dict(n_contexts=4, n_actions=5, dim=2, latent_dim=3, n_users=3)

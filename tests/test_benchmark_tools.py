@@ -8,22 +8,14 @@ checked here against power laws whose exponent is known in closed form.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
+from conftest import load_benchmark_module
+
 
 def load_benchmarks():
-  """Imports benchmarks/run.py by path (``benchmarks`` is not installed)."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-  spec = importlib.util.spec_from_file_location("benchmark_run", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark_module("run.py")
 
 
 def rows(sweep, values, seconds):

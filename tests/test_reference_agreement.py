@@ -32,8 +32,6 @@ enumerated over every possible first observation.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
@@ -43,6 +41,8 @@ from scipy import stats
 
 from jaxbandit import instance as instance_lib
 from jaxbandit import simulate as S
+
+from conftest import load_benchmark_module
 
 SIZES = dict(n_contexts=4, n_actions=5, dim=2, latent_dim=2, n_users=3)
 # Non-uniform pi0 with zeros; context 0 has its lowest index off the support.
@@ -60,12 +60,7 @@ EARLY_STANDARD_ERRORS = 4.0
 
 
 def load_reference():
-  """Imports benchmarks/numpy_reference.py by path (``benchmarks`` is not installed)."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "numpy_reference.py"
-  spec = importlib.util.spec_from_file_location("numpy_reference", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark_module("numpy_reference.py")
 
 
 def make_instance(problem_seed):
