@@ -113,7 +113,8 @@ RESUME_SCRIPT = textwrap.dedent("""
     inst = I.make_instance(jax.random.key(3), n_contexts=3, n_actions=4, dim=2, latent_dim=2,
                            n_users=2)
     config = S.SimulationConfig(horizon=8)
-    whole = S.simulate(inst, config, n_seeds=3, master_seed=5, n_devices=1)
+    # Every run below uses chunks of 4 rounds: two compiled kernels in all (1 and 2 devices).
+    whole = S.simulate(inst, config, n_seeds=3, master_seed=5, chunk_size=4, n_devices=1)
     # Interrupted on one device (3 seed lanes) ...
     saved = []
     def stop(progress):
@@ -128,9 +129,9 @@ RESUME_SCRIPT = textwrap.dedent("""
     for a, b in zip(whole.records, resumed.records):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     print("resumed-identical")
-    # Chunks after the first reuse its compiled kernel (same input shardings).
-    S.simulate(inst, config, n_seeds=4, master_seed=5, chunk_size=2, n_devices=2)
-    print("compiled", S.make_chunk_kernel(config, 2, 2)._cache_size())
+    # A fresh two-chunk run reuses the kernel the resume compiled (same input shardings).
+    S.simulate(inst, config, n_seeds=3, master_seed=5, chunk_size=4, n_devices=2)
+    print("compiled", S.make_chunk_kernel(config, 4, 2)._cache_size())
 """)
 
 
