@@ -255,6 +255,26 @@ def test_factor_cell_regret_matches_double_loop(seed):
                                                    queries), atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(seed):
+  """Small-integer factors make every score exact in float32, so many cells have tied
+  maximisers: the factored path picks the lowest supported one, as the double loop does."""
+  true_scores, weights, reference = random_problem(seed)
+  rng = np.random.default_rng(300 + seed)
+  keys = rng.integers(-1, 2, size=(N_CONTEXTS, N_ACTIONS, N_FACTORS)).astype(np.float32)
+  queries = rng.integers(-1, 2, size=(N_CONTEXTS, N_USERS, N_FACTORS)).astype(np.float32)
+  keys[0] = keys[0, :1]  # context 0: every action has the same key, so every cell ties
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference))
+  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys)))
+  want = np_factor_regret(true_scores, weights, reference, keys, queries)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # Resolving the same ties towards the highest index gives other regrets.
+  flipped = np_factor_regret(true_scores[..., ::-1], weights, reference[..., ::-1],
+                             keys[:, ::-1], queries)
+  assert np.abs(flipped - want).max() > 1e-3
+
+
 def test_candidates_hold_the_greedy_action_within_their_radius():
   """Any query closer than the radius keeps its argmax among the K candidates; the radius is
   tight: 1% beyond it, along the worst action's direction, that action overtakes."""
