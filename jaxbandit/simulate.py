@@ -65,12 +65,12 @@ class SimulationConfig:
       has moved far enough from where it was last scored to bring a
       non-candidate level with its greedy action (see
       ``metrics.RegretCache``); 'auto' is 'full'. Both give the same values.
-      Scoring every cell is one fused pass over the actions, and on the
-      2-core benchmark CPU it was faster than the cache or level with it:
-      1.4x faster at 100 users x 2,000 rounds, 1.2x at 10,000 rounds, and
-      5-10% slower only with few users (10) or at 5,000 rounds of the
-      stacked paper-users populations. Under 'vmap' every branch of the
-      cache's update runs each round, which makes it about 2.5x slower.
+      Scoring every cell is one fused pass over the actions. On the 2-core
+      benchmark CPU it was 1.4x faster than the cache at 100 users x 2,000
+      rounds and 1.2x at 10,000 rounds; the cache stayed 5-10% ahead only
+      with 10 users alone and on the stacked paper-users figure at 5,000
+      rounds. Under 'vmap' every branch of the cache's update runs each
+      round, which makes the cache about 2.5x slower.
     rescore_budget: cells re-scored one by one before falling back to a full
       evaluation ('incremental' only).
     regret_candidates: K candidate actions kept per cell ('incremental'
