@@ -89,17 +89,30 @@ def kl_regularized_regret(truth: TruthTables, estimated_scores, beta) -> jax.Arr
 # (cell, action) in every round.
 
 
+def _sum_of_products(query_factors, key_factors) -> jax.Array:
+  """``sum_j query_factors[j] * key_factors[j]`` (broadcast), summed in index order.
+
+  The one place a score's factors are summed: every regret path (every cell,
+  a few cells, the candidates, the running pass over the actions) calls it,
+  so they all sum in the same order, whatever layout their factors come in.
+  """
+  total = query_factors[0] * key_factors[0]
+  for query, key in zip(query_factors[1:], key_factors[1:]):
+    total = total + query * key
+  return total
+
+
 def factor_scores(queries: jax.Array, keys: jax.Array) -> jax.Array:
   """Scores ``<queries, keys>`` over the last axis, broadcast over the others.
 
-  Written as an explicit sum over the (short) factor axis in a fixed order,
-  so the same (query, key) pair gets the same float32 score whichever path
-  (every cell, a few cells, the candidates) evaluates it.
+  Written as an explicit sum over the (short) factor axis in a fixed order
+  (:func:`_sum_of_products`), so the same (query, key) pair gets the same
+  float32 score whichever path (every cell, a few cells, the candidates)
+  evaluates it, up to the FMA contraction noted in docs/architecture.md.
   """
-  total = queries[..., 0] * keys[..., 0]
-  for j in range(1, queries.shape[-1]):
-    total = total + queries[..., j] * keys[..., j]
-  return total
+  n_factors = queries.shape[-1]
+  return _sum_of_products([queries[..., j] for j in range(n_factors)],
+                          [keys[..., j] for j in range(n_factors)])
 
 
 def _first_maximiser(values, labels, n_actions: int):
@@ -291,8 +304,8 @@ def candidate_greedy(queries, keys, candidates) -> jax.Array:
 def _candidate_greedy(planes, keys, candidates) -> jax.Array:
   """:func:`candidate_greedy` from factor-major queries ``planes`` (r, C, U).
 
-  One candidate slot at a time, each score summed factor by factor in
-  :func:`factor_scores`' order from scalar gathers, keeping a running first
+  One candidate slot at a time, each score summed factor by factor by
+  :func:`_sum_of_products` from scalar gathers, keeping a running first
   maximiser: every step is elementwise over the (C, U) cells, so the whole
   choice is one fused pass (a reduction over the short K axis was not).
   """
@@ -303,9 +316,8 @@ def _candidate_greedy(planes, keys, candidates) -> jax.Array:
   for slot in range(candidates.shape[0]):
     label = candidates[slot].astype(jnp.int32)  # (C, U)
     index = offset + label
-    score = planes[0] * flat_keys[0][index]
-    for j in range(1, n_factors):
-      score = score + planes[j] * flat_keys[j][index]
+    score = _sum_of_products([planes[j] for j in range(n_factors)],
+                             [flat_keys[j][index] for j in range(n_factors)])
     if best is None:
       best_score, best = score, label
     else:
@@ -326,7 +338,7 @@ def factor_greedy(truth: TruthTables, queries, keys) -> jax.Array:
 
   One pass over the actions keeping a running first maximiser per cell: each
   step is elementwise over the (C, U) cells (factor-major planes, scores summed
-  in :func:`factor_scores`' order), so XLA fuses the whole choice into one
+  by :func:`_sum_of_products` like every other path), so XLA fuses the whole choice into one
   loop. Two reductions over the action axis of a (A, C, U) score tensor took
   1.5 ms at 100 x 100 cells x 100 actions on the benchmark CPU; this takes
   0.4 ms. A strict ``>`` keeps the lowest index among maximisers, and actions
@@ -339,9 +351,8 @@ def factor_greedy(truth: TruthTables, queries, keys) -> jax.Array:
   def visit(action, carry):
     best_score, best = carry
     column = jax.lax.dynamic_index_in_dim(key_planes, action, axis=2, keepdims=False)  # (r, C)
-    score = planes[0] * column[0][:, None]
-    for j in range(1, planes.shape[0]):
-      score = score + planes[j] * column[j][:, None]
+    score = _sum_of_products([planes[j] for j in range(planes.shape[0])],
+                             [column[j][:, None] for j in range(planes.shape[0])])
     supported = jax.lax.dynamic_index_in_dim(truth.support, action, axis=1, keepdims=False)
     score = jnp.where(supported[:, None], score, -jnp.inf)
     better = score > best_score
