@@ -479,33 +479,38 @@ WORKERS = {"jax": measure_jax, "reference": measure_reference,
            "chunked_memory": measure_chunked_memory}
 
 
-def run_measurement(kind: str, case: Case, subprocess_mode: bool) -> dict:
-  """Runs one measurement ('jax' or 'reference'), in a fresh subprocess (so that its
-  peak RSS is its own) or in this process."""
-  if not subprocess_mode:
-    return WORKERS[kind](case)
-  payload = json.dumps({"kind": kind, "case": dataclasses.asdict(case)})
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", payload],
+def run_worker(payload: dict) -> dict:
+  """Runs ``payload`` (``{"kind": ..., ...}``, see :func:`worker_main`) in a fresh
+  subprocess of this script and returns the result it prints."""
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
+                         json.dumps(payload)],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         cwd=REPO_ROOT)
   for line in proc.stdout.splitlines():
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):])
-  raise RuntimeError(f"benchmark worker {kind} failed (exit {proc.returncode}):\n"
+  raise RuntimeError(f"benchmark worker {payload['kind']} failed (exit {proc.returncode}):\n"
                      f"{proc.stderr[-4000:]}")
+
+
+def run_measurement(kind: str, case: Case, subprocess_mode: bool) -> dict:
+  """Runs one measurement ('jax' or 'reference'), in a fresh subprocess (so that its
+  peak RSS is its own) or in this process."""
+  if not subprocess_mode:
+    return WORKERS[kind](case)
+  return run_worker({"kind": kind, "case": dataclasses.asdict(case)})
 
 
 def worker_main(payload: str) -> None:
   spec = json.loads(payload)
   if spec["kind"] == "figure":
     result = measure_figure(spec["spec"])
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return
-  if spec["case"].get("n_devices", 1) > 1:  # before JAX starts its CPU backend
-    import jax
+  else:
+    if spec["case"].get("n_devices", 1) > 1:  # before JAX starts its CPU backend
+      import jax
 
-    jax.config.update("jax_num_cpu_devices", spec["case"]["n_devices"])
-  result = WORKERS[spec["kind"]](Case(**spec["case"]))
+      jax.config.update("jax_num_cpu_devices", spec["case"]["n_devices"])
+    result = WORKERS[spec["kind"]](Case(**spec["case"]))
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -799,8 +804,9 @@ def measure_figure(spec: dict) -> dict:
   from jaxbandit import presets
   from jaxbandit import simulate
 
-  config = presets.with_overrides(presets.get_preset("paper-users"), n_seeds=spec["seeds"],
-                                  horizon=spec["horizon"])
+  preset = presets.get_preset("paper-users")
+  config = presets.with_overrides(preset, n_seeds=spec["seeds"], horizon=spec["horizon"],
+                                  chunk_size=min(preset.chunk_size, spec["horizon"]))
   accepted = experiment.build_instances(config)
   stacked = instance_lib.stack_instances([a.instance for a in accepted])
   params = simulate.SimulationParams.make(config.beta, config.ridge, config.mixture_weight)
@@ -855,18 +861,9 @@ def figure_row(result: dict, target_seeds: int, target_seconds: float) -> dict:
 def figure_mode(args) -> None:
   started = time.time()
   spec = {"seeds": args.figure_seeds, "horizon": args.figure_horizon}
-  if args.in_process:
-    result = measure_figure(spec)
-  else:  # a fresh process, so that it can make one host device per core
-    payload = json.dumps({"kind": "figure", "spec": spec})
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", payload],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          cwd=REPO_ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if not lines:
-      raise RuntimeError(f"figure worker failed (exit {proc.returncode}):\n"
-                         f"{proc.stderr[-4000:]}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+  # A fresh process unless told otherwise, so that it can make one host device per core.
+  result = (measure_figure(spec) if args.in_process else
+            run_worker({"kind": "figure", "spec": spec}))
   row = figure_row(result, args.figure_target_seeds, args.figure_target_seconds)
   meta = {"machine": machine_info(), "mode": "figure", "result": result,
           "total_seconds": time.time() - started, "args": vars(args)}
