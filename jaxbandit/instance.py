@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbandit import validation as V
+from jaxbandit.precision import full_precision
 
 
 class Instance(NamedTuple):
@@ -137,6 +138,7 @@ def supplied_heads(heads) -> HeadGenerator:
 # ---------------------------------------------------------------------------
 
 
+@full_precision
 def make_instance(
     key: jax.Array,
     *,
@@ -239,11 +241,13 @@ def from_arrays(*, contexts, actions, maps, heads, reward_scale=1.0, context_wei
 # ---------------------------------------------------------------------------
 
 
+@full_precision
 def latent_features(instance: Instance) -> jax.Array:
   """z_j(x, a) = x^T M_j a, shape (n_contexts, n_actions, latent_dim)."""
   return jnp.einsum("cp,jpq,caq->caj", instance.contexts, instance.maps, instance.actions)
 
 
+@full_precision
 def true_scores(instance: Instance) -> jax.Array:
   """R*(x, a, i) as an array (n_contexts, n_users, n_actions)."""
   z = latent_features(instance)
@@ -316,6 +320,7 @@ class GapSummary(NamedTuple):
 
 
 @jax.jit
+@full_precision
 def _gap_summary(instance):
   weights = cell_weights(instance)
   positive = weights > 0

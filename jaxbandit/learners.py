@@ -61,6 +61,7 @@ import numpy as np
 from jaxbandit import validation as V
 from jaxbandit.choice import ChoiceModel
 from jaxbandit.instance import Instance, latent_features
+from jaxbandit.precision import full_precision
 
 MODEL_CLASSES = ("known_heads", "known_directions", "per_user_bilinear", "pooled")
 
@@ -501,6 +502,7 @@ def _setup(params_init, data, ridge, tol):
   return ridge, damping, tol * n_obs
 
 
+@full_precision
 def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
             data: ChoiceData, ridge, *, tol: float = 1e-12, max_iterations: int = 30,
             max_chord_steps: int = 6, max_backtracks: int = 20,
@@ -690,6 +692,7 @@ def _secant_update(model, inverse, step, grad, grad_change, floor):
   return update(inverse, step.reshape(-1), grad.reshape(-1), grad_change.reshape(-1))
 
 
+@full_precision
 def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
                     carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
                     tol: float = 1e-12, max_iterations: int = 30, max_chord_steps: int = 8,

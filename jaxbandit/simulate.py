@@ -36,6 +36,7 @@ from jaxbandit import metrics
 from jaxbandit import policies as policies_lib
 from jaxbandit import validation as V
 from jaxbandit.instance import Instance, cell_weights, true_scores
+from jaxbandit.precision import full_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +440,7 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
                   PartitionSpec(None, "seeds")),
         out_specs=(PartitionSpec(None, "seeds"), PartitionSpec(None, "seeds")),
         check_vma=False)  # per-seed loops start from constants; nothing is communicated
+  @full_precision  # float32 products at full precision on every backend (precision.py)
   def lanes(instances, params, keys, states):
     n_lanes = instances.contexts.shape[0]
     params = jax.tree_util.tree_map(
