@@ -692,6 +692,28 @@ def _secant_update(model, inverse, step, grad, grad_change, floor):
   return update(inverse, step.reshape(-1), grad.reshape(-1), grad_change.reshape(-1))
 
 
+class CarriedFit(NamedTuple):
+  """A carried refit between its phases (see :func:`fit_erm_carried`).
+
+  Attributes:
+    params, grad: the iterate and the penalised gradient there.
+    decrement: the Newton decrement squared / 2 at ``params``, measured with ``inverse``.
+    inverse: the inverse Hessian (updated by the observation and the quasi-Newton steps).
+    iterations: () int32 steps taken so far (quasi-Newton, then Newton and chord).
+    needs_newton: () bool, the quasi-Newton steps stopped short of the
+      tolerance: :func:`carried_fallback` must run (it clears the flag).
+    threshold: () the stopping threshold ``tol * n``.
+  """
+
+  params: jax.Array
+  grad: jax.Array
+  decrement: jax.Array
+  inverse: jax.Array
+  iterations: jax.Array
+  needs_newton: jax.Array
+  threshold: jax.Array
+
+
 @full_precision
 def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
                     carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
@@ -731,13 +753,31 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
     new_observation: ``(context, user, slate (K,), outcome (m,))`` of the
       observation added since the previous refit.
 
+  The three phases are also callable apart (:func:`carried_quasi_newton`,
+  :func:`carried_fallback`, :func:`carried_result`): a batched caller can run
+  step 3, which few refits need, only for the lanes that need it.
+
   Returns:
     ``(ERMResult, HessianCarry)``; never raises inside ``jit``.
   """
-  ridge, damping, threshold = _setup(params_init, data, ridge, tol)
-  functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
-                                   params_init.dtype)
-  _, gradient, gradient_hessian = functions
+  blocks = dict(block_size=block_size, n_rows=n_rows)
+  fit = carried_quasi_newton(model, choice_model, params_init, carry, data, new_observation,
+                             ridge, tol=tol, max_chord_steps=max_chord_steps, **blocks)
+  fit = carried_fallback(model, choice_model, fit, data, ridge, max_iterations=max_iterations,
+                         max_chord_steps=max_chord_steps, max_backtracks=max_backtracks,
+                         **blocks)
+  return carried_result(fit)
+
+
+@full_precision
+def carried_quasi_newton(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
+                         carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
+                         tol: float = 1e-12, max_chord_steps: int = 8,
+                         block_size: Optional[int] = None, n_rows=None) -> CarriedFit:
+  """Steps 1-2 of :func:`fit_erm_carried`: the Woodbury update and the quasi-Newton steps."""
+  ridge, _, threshold = _setup(params_init, data, ridge, tol)
+  _, gradient, _ = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
+                                        params_init.dtype)
   inverse = jnp.where(carry.valid,
                       add_observation(model, choice_model, carry.inverse, params_init,
                                       *new_observation), carry.inverse)
@@ -777,21 +817,44 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
   params, grad, _, inverse, decrement, chords, _ = jax.lax.while_loop(
       step_cond, step_body, (params_init, grad0, direction0, inverse, decrement0, 0, usable))
   solved = usable & (decrement <= threshold)
-  state = _newton(model, functions, params, grad, jnp.where(solved, decrement, jnp.inf),
-                  threshold, damping, max_iterations=max(max_iterations - max_chord_steps, 1),
+  return CarriedFit(params, grad, decrement, inverse, jnp.asarray(chords, jnp.int32), ~solved,
+                    threshold)
+
+
+@full_precision
+def carried_fallback(model: ModelClass, choice_model: ChoiceModel, fit: CarriedFit,
+                     data: ChoiceData, ridge, *, max_iterations: int = 30,
+                     max_chord_steps: int = 8, max_backtracks: int = 20,
+                     block_size: Optional[int] = None, n_rows=None) -> CarriedFit:
+  """Steps 3-4 of :func:`fit_erm_carried`: where ``fit.needs_newton``, damped Newton
+  from the quasi-Newton iterate, then a fresh inverse at the solution; elsewhere
+  ``fit`` unchanged (both loops make no trip)."""
+  ridge, damping, _ = _setup(fit.params, data, ridge, 1.0)
+  functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
+                                   fit.params.dtype)
+  _, _, gradient_hessian = functions
+  state = _newton(model, functions, fit.params, fit.grad,
+                  jnp.where(fit.needs_newton, jnp.inf, fit.decrement), fit.threshold, damping,
+                  max_iterations=max(max_iterations - max_chord_steps, 1),
                   max_chord_steps=max_chord_steps, max_backtracks=max_backtracks)
 
   # Refresh the inverse at the solution when the carried one failed; a while
   # loop of 0 or 1 trips, so under vmap it runs only if a lane needs it.
-  stale = ~solved
-
   def refresh(c):
     _, hess = gradient_hessian(state.params)
     return _inverse(model, hess, damping), jnp.zeros((), jnp.bool_)
 
-  inverse, _ = jax.lax.while_loop(lambda c: c[1], refresh, (inverse, stale))
-  result = _result(state, threshold, chords + state.iteration)
-  return result, HessianCarry(inverse, jnp.ones((), jnp.bool_), state.params, state.grad)
+  inverse, _ = jax.lax.while_loop(lambda c: c[1], refresh, (fit.inverse, fit.needs_newton))
+  return CarriedFit(state.params, state.grad, state.decrement, inverse,
+                    fit.iterations + state.iteration, jnp.zeros((), jnp.bool_), fit.threshold)
+
+
+def carried_result(fit: CarriedFit):
+  """``(ERMResult, HessianCarry)`` of a carried refit after :func:`carried_fallback`."""
+  result = _result(_SolverState(fit.params, fit.grad, fit.decrement, fit.iterations,
+                                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)),
+                   fit.threshold, fit.iterations)
+  return result, HessianCarry(fit.inverse, jnp.ones((), jnp.bool_), fit.params, fit.grad)
 
 
 class Learner(NamedTuple):
@@ -817,6 +880,9 @@ class Learner(NamedTuple):
       as ``fit``, using and updating ``carry`` (see :func:`fit_erm_carried`);
       ``new_observation`` is ``(context, user, slate, outcome)`` of the row
       added since the previous refit.
+    carried_phases: optional :class:`CarriedPhases`, ``fit_carried`` split so
+      that a batched simulation runs its Newton fallback only for the lanes
+      that need it.
   """
 
   init: Callable
@@ -828,6 +894,25 @@ class Learner(NamedTuple):
   fits_in_blocks: bool = False
   init_carry: Optional[Callable] = None
   fit_carried: Optional[Callable] = None
+  carried_phases: Optional["CarriedPhases"] = None
+
+
+class CarriedPhases(NamedTuple):
+  """``fit_carried`` in its three phases (see :func:`fit_erm_carried`), for callers
+  that batch refits and run the rare Newton fallback only where it is needed:
+  ``fit_carried(...) == result(fallback(start(...), data, ridge))``.
+
+  Attributes:
+    start: ``(params, carry, data, new_observation, ridge, block_size=None,
+      n_rows=None) -> CarriedFit`` (:func:`carried_quasi_newton`).
+    fallback: ``(fit, data, ridge, block_size=None, n_rows=None) -> CarriedFit``
+      (:func:`carried_fallback`; returns ``fit`` unchanged unless ``fit.needs_newton``).
+    result: ``(fit) -> (ERMResult, carry)`` (:func:`carried_result`).
+  """
+
+  start: Callable
+  fallback: Callable
+  result: Callable
 
 
 def user_vectors(model: ModelClass, params: jax.Array) -> jax.Array:
@@ -875,7 +960,17 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
                            tol=tol, max_iterations=max_iterations, block_size=block_size,
                            n_rows=n_rows)
 
+  def start(params, carry, data, new_observation, ridge, block_size=None, n_rows=None):
+    return carried_quasi_newton(model, choice_model, params, carry, data, new_observation,
+                                ridge, tol=tol, block_size=block_size, n_rows=n_rows)
+
+  def fallback(fit, data, ridge, block_size=None, n_rows=None):
+    return carried_fallback(model, choice_model, fit, data, ridge,
+                            max_iterations=max_iterations, block_size=block_size,
+                            n_rows=n_rows)
+
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),
                  functools.partial(score_queries, model), score_keys(model), True,
-                 lambda: empty_hessian_carry(model), fit_carried)
+                 lambda: empty_hessian_carry(model), fit_carried,
+                 CarriedPhases(start, fallback, carried_result))

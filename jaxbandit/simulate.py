@@ -9,9 +9,9 @@ One round (for one seed and one population)::
     record G(R_hat_{t-1}), realised and KL regret of the deployed estimate
     R_hat_t = exact ERM on rounds 1..t, warm-started at R_hat_{t-1}
 
-Rounds are a ``lax.scan``; seeds and populations are ``vmap`` axes; one ``jit``
-compiles the lot. Static sizes and names live in :class:`SimulationConfig`;
-numbers one may sweep (``beta``, ``ridge``, ``mixture_weight``, and every
+Rounds are a ``lax.scan``; seeds and populations are ``vmap`` axes (or a
+``lax.map`` on CPU); one ``jit`` compiles the lot. Static sizes and names live
+in :class:`SimulationConfig`; numbers one may sweep (``beta``, ``ridge``, ``mixture_weight``, and every
 instance array, reward scale included) are traced.
 
 The kernel advances a :class:`SimState` by a chunk of rounds, so a long run is
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -54,11 +55,12 @@ class SimulationConfig:
     erm_max_iterations: Newton iteration budget per refit.
     record_kl: also record the KL-regularised regret (one extra softmax over
       every cell per round).
-    seed_batching: 'vmap' (seeds and populations vectorised together; best on
-      accelerators), 'map' (one after another inside the same kernel, each
-      solver loop and regret update doing only its own work; best on a few CPU
-      cores) or 'auto' ('map' on CPU, 'vmap' elsewhere). Results agree to
-      floating-point tolerance.
+    seed_batching: 'vmap' (seeds and populations vectorised together, the
+      rare Newton fallback of a carried refit run only for the lanes that need
+      it; best on accelerators), 'map' (one after another inside the same
+      kernel, each solver loop and regret update doing only its own work; best
+      on a few CPU cores) or 'auto' ('map' on CPU, 'vmap' elsewhere). Results
+      agree to floating-point tolerance.
     regret_evaluation: 'full' scores every (context, user, action) each
       round (always so with ``record_kl``, which needs every score anyway);
       'incremental' keeps the same exact regret from ``regret_candidates``
@@ -265,33 +267,52 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
   return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache, solver)
 
 
-def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationParams,
-               key: jax.Array, state: SimState, n_rounds: int,
-               learner: Optional[learners_lib.Learner] = None):
-  """Advances one seed by ``n_rounds`` rounds (static) with a ``lax.scan``.
+class _Pending(NamedTuple):
+  """One seed's round between its refit's first phase and the rest (see
+  :func:`_round_functions`): what the round has drawn, scored and recorded so far."""
 
-  Args:
-    config: static configuration.
-    instance: one (unbatched) :class:`Instance`.
-    params: traced :class:`SimulationParams`.
-    key: this seed's key.
-    state: the seed's :class:`SimState`.
-    n_rounds: rounds to run (static).
-    learner: optional :class:`learners.Learner` replacing the configured
-      model class (for custom learners and tests).
+  data: learners_lib.ChoiceData  # the state's data with the round's observation
+  cache: metrics.RegretCache
+  fit: object  # learners.CarriedFit (phased carried refit) or learners.ERMResult
+  solver: object  # the carry after the refit (unphased carried refit), else ()
+  fit_data: learners_lib.ChoiceData  # what the refit fits (``data`` or the table)
+  n_rows: jax.Array  # () int32 rows the refit's blocked sums visit
+  regret: jax.Array
+  realised: jax.Array
+  kl_regret: jax.Array
+  context: jax.Array
+  user: jax.Array
+  rescored: jax.Array
 
-  Returns:
-    ``(state, records)`` with records a :class:`RoundRecord` of (n_rounds,) arrays.
-  """
+
+class _RoundFunctions(NamedTuple):
+  """One seed's round in three pieces: ``finish(state, fallback(begin(state)))`` is
+  the round. ``fallback`` is the phased carried refit's Newton fallback (the
+  identity otherwise), which a batch runs only for the lanes that need it."""
+
+  begin: object  # (state) -> _Pending
+  fallback: object  # (fit, fit_data, ridge, n_rows) -> fit; None when not phased
+  finish: object  # (state, _Pending) -> (state, RoundRecord)
+
+
+def _round_functions(config: SimulationConfig, instance: Instance, params: SimulationParams,
+                     key: jax.Array, learner: Optional[learners_lib.Learner] = None,
+                     truth: Optional[metrics.TruthTables] = None) -> _RoundFunctions:
+  """The pieces of one round for one seed (see :func:`run_rounds`); ``truth``, if
+  given, is ``instance``'s truth tables, computed once by the caller."""
   choice_model, default_learner, policy = _components(config, instance)
   learner = default_learner if learner is None else learner
-  truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
-                               instance.reference_policy)
+  if truth is None:
+    truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
+                                 instance.reference_policy)
   log_context = jnp.log(instance.context_weights)
   log_user = jnp.log(instance.user_weights)
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
   n_ranked = choice_model.outcome_size(config.slate_size)
   carried = carries_hessian(config, learner)
+  phases = learner.carried_phases if carried else None
+  blocked = (config.data_layout == "buffer" and learner.fits_in_blocks and
+             uses_erm_blocks(config))
   # A constant of the keys, computed once here rather than in every round.
   key_norms = None if learner.score_keys is None else metrics.key_norms(learner.score_keys)
   table = None
@@ -299,7 +320,10 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     table = learners_lib.empty_table(instance.n_contexts, instance.n_users, instance.n_actions,
                                      config.slate_size, n_ranked)
 
-  def one_round(state: SimState, _):
+  def blocks(n_rows):
+    return dict(block_size=config.erm_block_size, n_rows=n_rows) if blocked else {}
+
+  def begin(state: SimState) -> _Pending:
     key_t = jax.random.fold_in(key, state.round)
     key_context, key_user, key_slate, key_choice = jax.random.split(key_t, 4)
     context = jax.random.categorical(key_context, log_context).astype(jnp.int32)
@@ -333,7 +357,6 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     slate = policy(key_slate, cell_estimate, truth.log_reference[context],
                    policy_params)
     outcome = choice_model.sample(key_choice, truth.scores[context, user, slate])
-    blocks = {}
     if table is not None:
       row = learners_lib.table_row(context, user, slate, outcome, instance.n_users,
                                    instance.n_actions, config.slate_size, n_ranked)
@@ -342,19 +365,148 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
       fit_data = table._replace(mask=counts)
     else:
       data = fit_data = state.data.write(state.round, context, user, slate, outcome)
-      if learner.fits_in_blocks and uses_erm_blocks(config):
-        blocks = dict(block_size=config.erm_block_size, n_rows=state.round + 1)
+    n_rows = state.round + 1
     solver = state.solver
-    if carried:
-      fit, solver = learner.fit_carried(state.params, solver, fit_data,
-                                        (context, user, slate, outcome), params.ridge, **blocks)
+    observation = (context, user, slate, outcome)
+    if phases is not None:
+      fit = phases.start(state.params, solver, fit_data, observation, params.ridge,
+                         **blocks(n_rows))
+    elif carried:
+      fit, solver = learner.fit_carried(state.params, solver, fit_data, observation,
+                                        params.ridge, **blocks(n_rows))
     else:
-      fit = learner.fit(state.params, fit_data, params.ridge, **blocks)
-    record = RoundRecord(regret, realised, kl_regret, fit.iterations, fit.grad_norm,
-                         fit.converged, context, user, rescored)
-    return SimState(fit.params, data, state.round + 1, cache, solver), record
+      fit = learner.fit(state.params, fit_data, params.ridge, **blocks(n_rows))
+    return _Pending(data, cache, fit, solver, fit_data, n_rows, regret, realised, kl_regret,
+                    context, user, rescored)
+
+  def fallback(fit, fit_data, ridge, n_rows):
+    return phases.fallback(fit, fit_data, ridge, **blocks(n_rows))
+
+  def finish(state: SimState, pending: _Pending):
+    if phases is not None:
+      fit, solver = phases.result(pending.fit)
+    else:
+      fit, solver = pending.fit, pending.solver
+    record = RoundRecord(pending.regret, pending.realised, pending.kl_regret, fit.iterations,
+                         fit.grad_norm, fit.converged, pending.context, pending.user,
+                         pending.rescored)
+    return SimState(fit.params, pending.data, state.round + 1, pending.cache, solver), record
+
+  return _RoundFunctions(begin, fallback if phases is not None else None, finish)
+
+
+def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationParams,
+               key: jax.Array, state: SimState, n_rounds: int,
+               learner: Optional[learners_lib.Learner] = None):
+  """Advances one seed by ``n_rounds`` rounds (static) with a ``lax.scan``.
+
+  Args:
+    config: static configuration.
+    instance: one (unbatched) :class:`Instance`.
+    params: traced :class:`SimulationParams`.
+    key: this seed's key.
+    state: the seed's :class:`SimState`.
+    n_rounds: rounds to run (static).
+    learner: optional :class:`learners.Learner` replacing the configured
+      model class (for custom learners and tests).
+
+  Returns:
+    ``(state, records)`` with records a :class:`RoundRecord` of (n_rounds,) arrays.
+  """
+  round_functions = _round_functions(config, instance, params, key, learner)
+
+  def one_round(state: SimState, _):
+    pending = round_functions.begin(state)
+    if round_functions.fallback is not None:
+      pending = pending._replace(fit=round_functions.fallback(
+          pending.fit, pending.fit_data, params.ridge, pending.n_rows))
+    return round_functions.finish(state, pending)
 
   return jax.lax.scan(one_round, state, None, length=n_rounds)
+
+
+# Under 'vmap', at most this fraction of the lanes (rounded up) runs the carried
+# refit's Newton fallback at once; more lanes needing it take more groups.
+FALLBACK_GROUP_FRACTION = 1 / 16
+
+
+def fallback_group_size(n_lanes: int) -> int:
+  """Lanes per group of the batched Newton fallback (see :func:`_vmapped_rounds`)."""
+  return max(1, math.ceil(n_lanes * FALLBACK_GROUP_FRACTION))
+
+
+def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
+  """``(instances (P, ...), params (P,), keys (S,), states (P, S, ...)) -> (states,
+  records (P, S, n_rounds))``: a ``lax.scan`` over rounds of one batched round.
+
+  The round runs vmapped over every lane (population x seed), except the
+  carried refit's Newton fallback (Hessian, Cholesky, a fresh inverse), which
+  about 2% of refits need. A vmapped ``while_loop`` runs until its slowest lane
+  stops, so vmapping the fallback too would make every lane pay for it in
+  almost every round once there are a hundred lanes. Instead the lanes that
+  need it are gathered, ``fallback_group_size(P * S)`` at a time, and only
+  those run it. Each lane's arithmetic is the same as in :func:`run_rounds`.
+  """
+
+  def run(instances, params, keys, states):
+    n_populations, n_seeds = states.round.shape[:2]
+    n_lanes = n_populations * n_seeds
+    truths = jax.vmap(lambda inst: metrics.truth_tables(
+        true_scores(inst), cell_weights(inst), inst.reference_policy))(instances)
+
+    def functions(instance, truth, lane_params, key):
+      return _round_functions(config, instance, lane_params, key, truth=truth)
+
+    over_lanes = lambda fn: jax.vmap(jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0)),
+                                     in_axes=(0, 0, 0, None, 0, 0))
+    begin = over_lanes(lambda i, t, p, k, s, _: functions(i, t, p, k).begin(s))
+    finish = over_lanes(lambda i, t, p, k, s, pending: functions(i, t, p, k).finish(s, pending))
+    # Whether the configured learner refits in phases (a trace-time question:
+    # building the first lane's round functions computes nothing that is used).
+    phased = functions(*jax.tree_util.tree_map(lambda x: x[0], (instances, truths, params)),
+                       keys[0]).fallback is not None
+    group = fallback_group_size(n_lanes)
+    population = jnp.repeat(jnp.arange(n_populations), n_seeds)
+    flat = lambda x: x.reshape((n_lanes,) + x.shape[2:])
+
+    def fallback_one(instance, truth, lane_params, fit, fit_data, n_rows):
+      # The key only draws in begin: any key will do here.
+      return functions(instance, truth, lane_params, keys[0]).fallback(
+          fit, fit_data, lane_params.ridge, n_rows)
+
+    def fallback_where_needed(pending: _Pending):
+      fits, fit_data, n_rows = (jax.tree_util.tree_map(flat, x) for x in
+                                (pending.fit, pending.fit_data, pending.n_rows))
+
+      def one_group(carry):
+        fits, waiting = carry
+        lanes = jnp.nonzero(waiting, size=group, fill_value=n_lanes)[0]
+        real = lanes < n_lanes
+        safe = jnp.where(real, lanes, 0)
+        take = lambda tree, rows: jax.tree_util.tree_map(lambda x: x[rows], tree)
+        owner = population[safe]
+        part = take(fits, safe)._replace(needs_newton=fits.needs_newton[safe] & real)
+        done = jax.vmap(fallback_one)(take(instances, owner), take(truths, owner),
+                                      take(params, owner), part, take(fit_data, safe),
+                                      n_rows[safe])
+        fits = jax.tree_util.tree_map(lambda x, y: x.at[lanes].set(y, mode="drop"), fits, done)
+        return fits, waiting.at[lanes].set(False, mode="drop")
+
+      fits, _ = jax.lax.while_loop(lambda carry: jnp.any(carry[1]), one_group,
+                                   (fits, fits.needs_newton))
+      return pending._replace(fit=jax.tree_util.tree_map(
+          lambda x: x.reshape((n_populations, n_seeds) + x.shape[1:]), fits))
+
+    def one_round(states, _):
+      pending = begin(instances, truths, params, keys, states, states.round)
+      if phased:
+        pending = fallback_where_needed(pending)
+      return finish(instances, truths, params, keys, states, pending)
+
+    states, records = jax.lax.scan(one_round, states, None, length=n_rounds)
+    return states, jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, -1), records)
+
+  return run
 
 
 # ---------------------------------------------------------------------------
@@ -419,8 +571,7 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
     return run_rounds(config, instance, params, key, state, n_rounds)
 
   if resolve_batching(config) == "vmap":
-    over_seeds = jax.vmap(one_seed, in_axes=(None, None, 0, 0))
-    over_populations = jax.vmap(over_seeds, in_axes=(0, 0, None, 0))
+    over_populations = _vmapped_rounds(config, n_rounds)
   else:  # "map": one after another, each loop and branch doing only its own work
 
     def over_seeds(instance, params, keys, states):
