@@ -249,6 +249,29 @@ def use_every_core() -> int:
   return cores
 
 
+DETERMINISTIC_GPU_OPS = "--xla_gpu_deterministic_ops=true"
+
+
+def use_deterministic_gpu_ops() -> bool:
+  """Asks XLA for deterministic GPU kernels, so that a rerun on a GPU is bit-identical;
+  returns whether the option was added to ``XLA_FLAGS``.
+
+  XLA's GPU scatter-adds (the ERM's per-user sums) otherwise accumulate with
+  atomics, in an order that varies from run to run. Measured on an NVIDIA H200
+  (paper size, 8 seeds x 300 rounds): without the option 25 of 2,400 per-round
+  regrets differed between two runs of the same keys (by at most 0.01); with
+  it none did, at no measurable cost. A CPU's kernels are deterministic and
+  ignore it. Nothing changes when ``XLA_FLAGS`` already names the option
+  (``--xla_gpu_deterministic_ops=false`` opts out) or when JAX has already
+  started a backend (XLA reads ``XLA_FLAGS`` once, as the first one starts).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_gpu_deterministic_ops" in flags:
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_GPU_OPS}".strip()
+  return True
+
+
 def compilation_cache_dir() -> str:
   """Where the console script keeps compiled kernels: ``$XDG_CACHE_HOME/jaxbandit/xla``
   (``~/.cache/jaxbandit/xla`` by default)."""
@@ -288,6 +311,7 @@ def use_compilation_cache(path=None, min_compile_seconds: float = 0.5):
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if argv is None and args.command in ("run", "sweep"):  # the console script, not a caller
+    use_deterministic_gpu_ops()
     use_every_core()
     use_compilation_cache()
   try:

@@ -106,6 +106,23 @@ def test_console_script_uses_one_device_per_core_unless_told():
   assert (made, devices) == (0, 3)
 
 
+def _flags_after_use_deterministic_gpu_ops(flags):
+  code = ("import os, jax\nfrom jaxbandit import cli\nadded = cli.use_deterministic_gpu_ops()\n"
+          "jax.numpy.ones(2).block_until_ready()\nprint(repr((added, os.environ['XLA_FLAGS'])))")
+  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, XLA_FLAGS=flags),
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr  # XLA accepts the option (it aborts on unknown ones)
+  return eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_console_script_asks_for_deterministic_gpu_kernels_unless_told():
+  added, flags = _flags_after_use_deterministic_gpu_ops("--xla_force_host_platform_device_count=1")
+  assert added and flags.split() == ["--xla_force_host_platform_device_count=1",
+                                     "--xla_gpu_deterministic_ops=true"]
+  added, flags = _flags_after_use_deterministic_gpu_ops("--xla_gpu_deterministic_ops=false")
+  assert not added and flags == "--xla_gpu_deterministic_ops=false"
+
+
 RESUME_SCRIPT = textwrap.dedent("""
     import numpy as np, jax
     from jaxbandit import instance as I, simulate as S
