@@ -8,6 +8,7 @@ Usage::
     python benchmarks/run.py --breakdown --horizon 5000   # one round's pieces, timed
     python benchmarks/run.py --memory            # 1024 seeds x 10000 rounds: analytic + XLA
     python benchmarks/run.py --figure            # the full paper-users figure, projected
+    python benchmarks/run.py --repeatability     # same key, same result: reruns, batches
     python benchmarks/run.py --seeds 16 --horizon 1000 --users 50 --out results/bench
 
 Every run prints ONE table and writes it as ``bench.csv`` / ``bench.json``
@@ -97,6 +98,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -150,6 +152,16 @@ class Case:
 
 def load1() -> float:
   return float(os.getloadavg()[0])
+
+
+def device_peak_mib() -> float:
+  """Peak bytes in use on the first accelerator so far, MiB (NaN on a CPU, which
+  reports no allocator statistics: its memory is the process's RSS)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return float("nan") if peak is None else peak / 2**20
 
 
 def peak_rss_mib() -> float:
@@ -373,6 +385,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
       "run_seconds_all": run_times,
       "seed_rounds_per_second": seed_rounds / run_seconds,
       "peak_rss_mib": peak_rss_mib(),
+      "device_peak_mib": device_peak_mib(),
       "base_rss_mib": base_rss,
       "xla_temp_mib": temp_mib,
       "xla_argument_mib": argument_mib,
@@ -422,10 +435,14 @@ def measure_matmul(size: int = 2048, repeats: int = 5) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from jaxbandit.precision import MATMUL_PRECISION
+
   key_a, key_b = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key_a, (size, size), jnp.float32)
   b = jax.random.normal(key_b, (size, size), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
+  # At the precision the kernel's products use (jaxbandit/precision.py): full
+  # float32, not the TensorFloat-32 an NVIDIA GPU would use by default.
+  matmul = jax.jit(functools.partial(jnp.matmul, precision=MATMUL_PRECISION))
   matmul(a, b).block_until_ready()
   best = math.inf
   load_before = load1()
@@ -530,6 +547,7 @@ COLUMNS = [
     ("run cpu s", "run_cpu_s"),
     ("seed-rounds/s", "seed_rounds_per_s"),
     ("peak RSS MiB (process)", "peak_rss_mib"),
+    ("device peak MiB", "device_peak_mib"),
     ("base MiB", "base_rss_mib"),
     ("XLA temp MiB", "xla_temp_mib"),
     ("MFLOP/seed-round", "mflop_per_seed_round"),
@@ -561,6 +579,7 @@ def make_row(jax_result: dict, reference: Optional[dict], matmul_gflops: float) 
       "run_cpu_s": jax_result["run_cpu_seconds"],
       "seed_rounds_per_s": jax_result["seed_rounds_per_second"],
       "peak_rss_mib": jax_result["peak_rss_mib"],
+      "device_peak_mib": jax_result.get("device_peak_mib", float("nan")),
       "base_rss_mib": jax_result["base_rss_mib"],
       "xla_temp_mib": jax_result["xla_temp_mib"],
       "mflop_per_seed_round": flops["total_flops"] / 1e6,
@@ -665,13 +684,19 @@ def table_cases(args):
   sizes = dict(n_users=args.users, n_contexts=args.contexts, n_actions=args.actions)
   main = Case("main (auto)", n_seeds=args.seeds, horizon=args.horizon,
               reference_seeds=args.reference_seeds, **sizes)
+  import jax
+
   from jaxbandit.cli import available_cores
 
   cores = available_cores()
   # The same kernel with the seeds split over one host device per core (what
-  # the jaxbandit CLI does on a CPU), when the seeds divide evenly.
+  # the jaxbandit CLI does on a CPU), when the seeds divide evenly. On an
+  # accelerator the kernel runs on it, not on host devices.
   every_core = ([dataclasses.replace(main, label=f"main, {cores} devices", n_devices=cores)]
-                if cores > 1 and main.n_seeds % cores == 0 and not args.in_process else [])
+                if cores > 1 and main.n_seeds % cores == 0 and not args.in_process and
+                jax.default_backend() == "cpu" else [])
+  if args.no_variants:
+    return main, every_core
   variant_sizes = dict(sizes, n_seeds=args.variant_seeds, horizon=args.variant_horizon,
                        reference_seeds=args.reference_seeds)
   variants = [Case(f"{b}/{r}", seed_batching=b, regret_evaluation=r, **variant_sizes)
@@ -824,6 +849,10 @@ def measure_figure(spec: dict) -> dict:
 
   def between_chunks(progress) -> bool:
     marks.append(time.perf_counter())
+    # On stderr as it goes (a worker's stderr is shown if it fails): how far a
+    # run that is stopped early got, and at what speed.
+    print(f"figure: rounds {progress.rounds_done}/{config.horizon}, "
+          f"{marks[-1] - marks[0]:.1f} s", file=sys.stderr, flush=True)
     return False
 
   load_before = load1()
@@ -839,7 +868,8 @@ def measure_figure(spec: dict) -> dict:
           "chunks": len(marks) - 1, "chunk_seconds": np.diff(marks).tolist(),
           "compile_s": compile_s, "compiles": len(compiling), "run_s": run_s,
           "seed_rounds": len(config.populations) * config.n_seeds * config.horizon,
-          "cumulative_regret": cumulative.tolist(), "load1_before": load_before,
+          "cumulative_regret": cumulative.tolist(), "device_peak_mib": device_peak_mib(),
+          "backend": jax.default_backend(), "load1_before": load_before,
           "load1_after": load1()}
 
 
@@ -870,6 +900,69 @@ def figure_mode(args) -> None:
   write_outputs(args.out, "figure", [row], meta, FIGURE_COLUMNS)
   print(format_table([row], FIGURE_COLUMNS))
   print(f"\nwrote {args.out}/figure.csv, figure.json ({time.time() - started:.0f} s total)")
+
+
+# ---------------------------------------------------------------------------
+# Same key, same result: reruns, batch sizes, machines
+# ---------------------------------------------------------------------------
+
+REPEATABILITY_COLUMNS = [
+    ("comparison", "comparison"), ("backend", "backend"), ("seeds", "seeds"),
+    ("horizon", "horizon"), ("bit-identical", "identical"),
+    ("seed-rounds differing", "differing"), ("max |diff| per round", "max_round_diff"),
+    ("max |diff| cum. regret", "max_cumulative_diff"), ("mean cum. regret", "mean_cumulative"),
+]
+
+
+def compare_regret(label: str, backend: str, mine: np.ndarray, other: np.ndarray) -> dict:
+  """A row comparing two (seeds, rounds) float32 per-round regret arrays bit for bit."""
+  mine, other = np.asarray(mine, np.float32), np.asarray(other, np.float32)
+  differing = mine.view(np.uint32) != other.view(np.uint32)
+  cumulative = lambda r: np.cumsum(r.astype(np.float64), axis=-1)[:, -1]
+  return {"comparison": label, "backend": backend, "seeds": mine.shape[0],
+          "horizon": mine.shape[1], "identical": "yes" if not differing.any() else "no",
+          "differing": f"{int(differing.sum())} of {differing.size}",
+          "max_round_diff": float(np.max(np.abs(mine - other))),
+          "max_cumulative_diff": float(np.max(np.abs(cumulative(mine) - cumulative(other)))),
+          "mean_cumulative": float(cumulative(mine).mean())}
+
+
+def repeatability_mode(args) -> None:
+  """Runs the main size's seeds twice, then their second half alone, on this backend
+  (one device), and compares the per-round regret bit for bit; ``--compare-to``
+  compares with another machine's saved ``repeatability.npz`` too."""
+  import jax
+
+  from jaxbandit import simulate
+
+  started = time.time()
+  case = Case("repeatability", n_users=args.users, n_contexts=args.contexts,
+              n_actions=args.actions, n_seeds=args.seeds, horizon=args.horizon)
+  instance, _ = build_instance(case)
+  config, preset = simulation_config(case)
+  params = simulate.SimulationParams.make(preset.beta, preset.ridge, preset.mixture_weight)
+
+  def regret(n_seeds, first_seed=0):
+    result = simulate.simulate(instance, config, params, n_seeds=n_seeds,
+                               first_seed=first_seed, n_devices=1)
+    return np.asarray(result.records.regret[0])
+
+  backend = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+  half = args.seeds // 2
+  first, again, alone = regret(args.seeds), regret(args.seeds), regret(args.seeds - half, half)
+  rows = [compare_regret("rerun", backend, again, first),
+          compare_regret(f"seeds {half}-{args.seeds - 1} alone vs in the batch", backend,
+                         alone, first[half:])]
+  if args.compare_to:
+    saved = np.load(args.compare_to)
+    rows.append(compare_regret(f"vs {saved['backend']}", backend, first, saved["regret"]))
+  os.makedirs(args.out, exist_ok=True)
+  np.savez(os.path.join(args.out, "repeatability.npz"), regret=first, backend=backend)
+  meta = {"machine": machine_info(), "mode": "repeatability", "case": dataclasses.asdict(case),
+          "total_seconds": time.time() - started, "args": vars(args)}
+  write_outputs(args.out, "repeatability", rows, meta, REPEATABILITY_COLUMNS)
+  print(format_table(rows, REPEATABILITY_COLUMNS))
+  print(f"\nwrote {args.out}/repeatability.csv, .json, .npz ({time.time() - started:.0f} s total)")
 
 
 def scaling_slope(rows, sweep: str, minimum: int = 0):
@@ -1186,11 +1279,17 @@ def parse_args(argv=None):
                  help="the paper-users preset (every population, every core) at "
                       "--figure-seeds x --figure-horizon, its run time projected to "
                       "--figure-target-seeds seeds")
+  p.add_argument("--repeatability", action="store_true",
+                 help="same key, same result: --seeds x --horizon run twice, then half "
+                      "the seeds alone, compared bit for bit (and with --compare-to)")
+  p.add_argument("--compare-to", help="a repeatability.npz saved by another machine's run")
   p.add_argument("--figure-seeds", type=int, default=4)
   p.add_argument("--figure-horizon", type=int, default=5000)
   p.add_argument("--figure-target-seeds", type=int, default=1000)
   p.add_argument("--figure-target-seconds", type=float, default=600.0)
   p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
+  p.add_argument("--no-variants", action="store_true",
+                 help="the main row(s) only, without the batching/regret variant rows")
   p.add_argument("--in-process", action="store_true",
                  help="run every row in this process (peak RSS then accumulates)")
   p.add_argument("--out", default="results/bench")
@@ -1219,6 +1318,8 @@ def main(argv=None) -> None:
     memory_mode(args)
   elif args.figure:
     figure_mode(args)
+  elif args.repeatability:
+    repeatability_mode(args)
   else:
     table_mode(args)
 
