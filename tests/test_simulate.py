@@ -380,6 +380,29 @@ def test_chunk_kernel_traced_once_for_new_values(batch, instance):
   assert kernel._cache_size() == traced
 
 
+def test_stacked_populations_match_each_population_run_alone(batch, instance):
+  """Under vmap the refits' Newton fallbacks run on lanes gathered from every
+  population (every lane needs one in round 1): each must use its own
+  population's instance and ridge."""
+  other = make_tiny_instance(2)
+  stacked = instance_lib.stack_instances([instance, other])
+  params = S.SimulationParams(*(jnp.asarray([a, b], jnp.float32)
+                                for a, b in zip(PARAMS, OTHER_PARAMS)))
+  both = S.simulate(stacked, CONFIG, params, n_seeds=N_SEEDS, master_seed=MASTER_SEED)
+  alone = [batch, S.simulate(other, CONFIG, OTHER_PARAMS, n_seeds=N_SEEDS,
+                             master_seed=MASTER_SEED)]
+  for lane, single in enumerate(alone):
+    for name in ("context", "user", "erm_converged"):
+      np.testing.assert_array_equal(getattr(both.records, name)[lane],
+                                    getattr(single.records, name)[0], err_msg=name)
+    for name in ("regret", "realised_regret", "kl_regret"):
+      np.testing.assert_allclose(getattr(both.records, name)[lane],
+                                 getattr(single.records, name)[0], rtol=1e-6, atol=1e-6,
+                                 err_msg=f"lane {lane} {name}")
+    np.testing.assert_allclose(np.asarray(both.final_state.params)[lane],
+                               np.asarray(single.final_state.params)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_padding_with_zero_weight_users_changes_nothing(batch, instance):
   padded = instance_lib.pad_users(instance, 4)
   assert padded.n_users == 4
