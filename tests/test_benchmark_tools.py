@@ -59,3 +59,22 @@ def test_figure_row_projects_linearly_in_seeds():
   assert row["ratio"] == pytest.approx((9.0 + 80.0 * 250) / 600.0)
   assert row["seed_rounds_per_s"] == pytest.approx(60000 / 80.0)
   assert row["populations"] == "10,50,100"
+
+
+def test_repeatability_rows_count_last_bit_differences():
+  bench = load_benchmarks()
+  rng = np.random.default_rng(7)
+  first = rng.uniform(0.0, 3.0, size=(3, 50)).astype(np.float32)
+  row = bench.compare_regret("rerun", "cpu", first.copy(), first)
+  assert (row["identical"], row["differing"], row["max_round_diff"]) == ("yes", "0 of 150", 0.0)
+  # One value one float32 step away, another moved by 0.25: two of 150 differ.
+  other = first.copy()
+  other[0, 10] = np.nextafter(other[0, 10], np.float32(np.inf))
+  other[2, 49] += np.float32(0.25)
+  row = bench.compare_regret("vs", "cpu", other, first)
+  assert (row["identical"], row["differing"]) == ("no", "2 of 150")
+  assert row["max_round_diff"] == pytest.approx(0.25, abs=1e-6)
+  cumulative = np.cumsum(other.astype(np.float64), axis=1)[:, -1] - np.cumsum(
+      first.astype(np.float64), axis=1)[:, -1]
+  assert row["max_cumulative_diff"] == pytest.approx(np.max(np.abs(cumulative)), rel=1e-12)
+  assert row["mean_cumulative"] == pytest.approx(other.astype(np.float64).sum(axis=1).mean())
