@@ -248,6 +248,12 @@ def carries_hessian(config: SimulationConfig, learner: learners_lib.Learner) -> 
   return config.erm_hessian == "carried" and learner.fit_carried is not None
 
 
+def refits_in_phases(config: SimulationConfig, learner: learners_lib.Learner) -> bool:
+  """Whether refits run as ``learner.carried_phases`` (then a batch can run their Newton
+  fallback only for the lanes that need it)."""
+  return carries_hessian(config, learner) and learner.carried_phases is not None
+
+
 def init_state(config: SimulationConfig, instance: Instance) -> SimState:
   """The state before round 1 for one seed (estimate at the learner's ``init``)."""
   choice_model, learner, _ = _components(config, instance)
@@ -286,13 +292,28 @@ class _Pending(NamedTuple):
 
 
 class _RoundFunctions(NamedTuple):
-  """One seed's round in three pieces: ``finish(state, fallback(begin(state)))`` is
-  the round. ``fallback`` is the phased carried refit's Newton fallback (the
-  identity otherwise), which a batch runs only for the lanes that need it."""
+  """One seed's round in two pieces around its refit's Newton fallback: the round is
+  ``finish(state, pending)`` with ``pending = begin(state)`` and, when
+  ``phased``, ``pending.fit`` passed through :func:`_refit_fallback` (which a
+  batch runs only for the lanes that need it)."""
 
   begin: object  # (state) -> _Pending
-  fallback: object  # (fit, fit_data, ridge, n_rows) -> fit; None when not phased
   finish: object  # (state, _Pending) -> (state, RoundRecord)
+  phased: bool  # the refit is a learners.CarriedPhases refit
+
+
+def _erm_blocks(config: SimulationConfig, learner: learners_lib.Learner, n_rows) -> dict:
+  """The refit's ``block_size=``/``n_rows=`` arguments (empty when it visits the whole data)."""
+  if config.data_layout == "buffer" and learner.fits_in_blocks and uses_erm_blocks(config):
+    return dict(block_size=config.erm_block_size, n_rows=n_rows)
+  return {}
+
+
+def _refit_fallback(config: SimulationConfig, learner: learners_lib.Learner, fit, fit_data,
+                    ridge, n_rows):
+  """A phased carried refit's Newton fallback (``learner.carried_phases.fallback``)."""
+  return learner.carried_phases.fallback(fit, fit_data, ridge,
+                                         **_erm_blocks(config, learner, n_rows))
 
 
 def _round_functions(config: SimulationConfig, instance: Instance, params: SimulationParams,
@@ -310,9 +331,7 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
   n_ranked = choice_model.outcome_size(config.slate_size)
   carried = carries_hessian(config, learner)
-  phases = learner.carried_phases if carried else None
-  blocked = (config.data_layout == "buffer" and learner.fits_in_blocks and
-             uses_erm_blocks(config))
+  phases = learner.carried_phases if refits_in_phases(config, learner) else None
   # A constant of the keys, computed once here rather than in every round.
   key_norms = None if learner.score_keys is None else metrics.key_norms(learner.score_keys)
   table = None
@@ -320,8 +339,7 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
     table = learners_lib.empty_table(instance.n_contexts, instance.n_users, instance.n_actions,
                                      config.slate_size, n_ranked)
 
-  def blocks(n_rows):
-    return dict(block_size=config.erm_block_size, n_rows=n_rows) if blocked else {}
+  blocks = functools.partial(_erm_blocks, config, learner)
 
   def begin(state: SimState) -> _Pending:
     key_t = jax.random.fold_in(key, state.round)
@@ -379,9 +397,6 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
     return _Pending(data, cache, fit, solver, fit_data, n_rows, regret, realised, kl_regret,
                     context, user, rescored)
 
-  def fallback(fit, fit_data, ridge, n_rows):
-    return phases.fallback(fit, fit_data, ridge, **blocks(n_rows))
-
   def finish(state: SimState, pending: _Pending):
     if phases is not None:
       fit, solver = phases.result(pending.fit)
@@ -392,7 +407,7 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
                          pending.rescored)
     return SimState(fit.params, pending.data, state.round + 1, pending.cache, solver), record
 
-  return _RoundFunctions(begin, fallback if phases is not None else None, finish)
+  return _RoundFunctions(begin, finish, phases is not None)
 
 
 def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationParams,
@@ -413,13 +428,14 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
   Returns:
     ``(state, records)`` with records a :class:`RoundRecord` of (n_rounds,) arrays.
   """
+  learner = _components(config, instance)[1] if learner is None else learner
   round_functions = _round_functions(config, instance, params, key, learner)
 
   def one_round(state: SimState, _):
     pending = round_functions.begin(state)
-    if round_functions.fallback is not None:
-      pending = pending._replace(fit=round_functions.fallback(
-          pending.fit, pending.fit_data, params.ridge, pending.n_rows))
+    if round_functions.phased:
+      pending = pending._replace(fit=_refit_fallback(
+          config, learner, pending.fit, pending.fit_data, params.ridge, pending.n_rows))
     return round_functions.finish(state, pending)
 
   return jax.lax.scan(one_round, state, None, length=n_rounds)
@@ -461,18 +477,16 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
                                      in_axes=(0, 0, 0, None, 0, 0))
     begin = over_lanes(lambda i, t, p, k, s, _: functions(i, t, p, k).begin(s))
     finish = over_lanes(lambda i, t, p, k, s, pending: functions(i, t, p, k).finish(s, pending))
-    # Whether the configured learner refits in phases (a trace-time question:
-    # building the first lane's round functions computes nothing that is used).
-    phased = functions(*jax.tree_util.tree_map(lambda x: x[0], (instances, truths, params)),
-                       keys[0]).fallback is not None
+    learner_of = lambda instance: _components(config, instance)[1]
+    # A question of the config, asked of the first population's learner at trace time.
+    phased = refits_in_phases(config, learner_of(
+        jax.tree_util.tree_map(lambda x: x[0], instances)))
     group = fallback_group_size(n_lanes)
     population = jnp.repeat(jnp.arange(n_populations), n_seeds)
     flat = lambda x: x.reshape((n_lanes,) + x.shape[2:])
 
-    def fallback_one(instance, truth, lane_params, fit, fit_data, n_rows):
-      # The key only draws in begin: any key will do here.
-      return functions(instance, truth, lane_params, keys[0]).fallback(
-          fit, fit_data, lane_params.ridge, n_rows)
+    def fallback_one(instance, ridge, fit, fit_data, n_rows):
+      return _refit_fallback(config, learner_of(instance), fit, fit_data, ridge, n_rows)
 
     def fallback_where_needed(pending: _Pending):
       fits, fit_data, n_rows = (jax.tree_util.tree_map(flat, x) for x in
@@ -486,9 +500,8 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
         take = lambda tree, rows: jax.tree_util.tree_map(lambda x: x[rows], tree)
         owner = population[safe]
         part = take(fits, safe)._replace(needs_newton=fits.needs_newton[safe] & real)
-        done = jax.vmap(fallback_one)(take(instances, owner), take(truths, owner),
-                                      take(params, owner), part, take(fit_data, safe),
-                                      n_rows[safe])
+        done = jax.vmap(fallback_one)(take(instances, owner), params.ridge[owner], part,
+                                      take(fit_data, safe), n_rows[safe])
         fits = jax.tree_util.tree_map(lambda x, y: x.at[lanes].set(y, mode="drop"), fits, done)
         return fits, waiting.at[lanes].set(False, mode="drop")
 
