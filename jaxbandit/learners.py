@@ -485,14 +485,13 @@ def _newton(model, functions, params_init, grad_init, decrement_init, threshold,
   return jax.lax.while_loop(outer_cond, outer_body, state)
 
 
-def _result(state: _SolverState, threshold, iterations) -> ERMResult:
-  grad_norm = jnp.max(jnp.abs(state.grad))
-  finite = jnp.all(jnp.isfinite(state.params))
+def _result(params, grad, decrement, threshold, iterations) -> ERMResult:
+  grad_norm = jnp.max(jnp.abs(grad))
+  finite = jnp.all(jnp.isfinite(params))
   # A failed Cholesky (ridge 0, saturated separable data) leaves a NaN
   # decrement; report it as inf so the diagnostic stays comparable.
-  decrement = jnp.where(jnp.isnan(state.decrement), jnp.inf, state.decrement)
-  return ERMResult(state.params, iterations, grad_norm, decrement,
-                   (decrement <= threshold) & finite)
+  decrement = jnp.where(jnp.isnan(decrement), jnp.inf, decrement)
+  return ERMResult(params, iterations, grad_norm, decrement, (decrement <= threshold) & finite)
 
 
 def _setup(params_init, data, ridge, tol):
@@ -545,7 +544,7 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
   state = _newton(model, functions, params_init, functions[1](params_init), jnp.inf,
                   threshold, damping, max_iterations=max_iterations,
                   max_chord_steps=max_chord_steps, max_backtracks=max_backtracks)
-  return _result(state, threshold, state.iteration)
+  return _result(state.params, state.grad, state.decrement, threshold, state.iteration)
 
 
 # ---------------------------------------------------------------------------
@@ -851,9 +850,7 @@ def carried_fallback(model: ModelClass, choice_model: ChoiceModel, fit: CarriedF
 
 def carried_result(fit: CarriedFit):
   """``(ERMResult, HessianCarry)`` of a carried refit after :func:`carried_fallback`."""
-  result = _result(_SolverState(fit.params, fit.grad, fit.decrement, fit.iterations,
-                                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)),
-                   fit.threshold, fit.iterations)
+  result = _result(fit.params, fit.grad, fit.decrement, fit.threshold, fit.iterations)
   return result, HessianCarry(fit.inverse, jnp.ones((), jnp.bool_), fit.params, fit.grad)
 
 
