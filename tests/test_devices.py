@@ -83,14 +83,19 @@ def test_two_processes_match_one(tmp_path, one_device):
   _assert_same_seeds(both, one_device)
 
 
+def _last_line_of_python(code: str, xla_flags: str) -> str:
+  """Runs ``code`` in a fresh Python with ``XLA_FLAGS=xla_flags``; its last printed line.
+  XLA aborts on an option it does not know, so a clean exit also says it accepted them."""
+  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, XLA_FLAGS=xla_flags),
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  return done.stdout.strip().splitlines()[-1]
+
+
 def _devices_after_use_every_core(env_extra):
   code = ("import os, jax\nfrom jaxbandit import cli\nn = cli.use_every_core()\n"
           "print(n, jax.local_device_count(), len(os.sched_getaffinity(0)))")
-  env = dict(os.environ, **env_extra)
-  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                        timeout=120)
-  assert done.returncode == 0, done.stderr
-  return [int(v) for v in done.stdout.split()[-3:]]
+  return [int(v) for v in _last_line_of_python(code, env_extra["XLA_FLAGS"]).split()]
 
 
 def test_console_script_uses_one_device_per_core_unless_told():
@@ -109,10 +114,7 @@ def test_console_script_uses_one_device_per_core_unless_told():
 def _flags_after_use_deterministic_gpu_ops(flags):
   code = ("import os, jax\nfrom jaxbandit import cli\nadded = cli.use_deterministic_gpu_ops()\n"
           "jax.numpy.ones(2).block_until_ready()\nprint(repr((added, os.environ['XLA_FLAGS'])))")
-  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, XLA_FLAGS=flags),
-                        capture_output=True, text=True, timeout=120)
-  assert done.returncode == 0, done.stderr  # XLA accepts the option (it aborts on unknown ones)
-  return eval(done.stdout.strip().splitlines()[-1])
+  return eval(_last_line_of_python(code, flags))
 
 
 def test_console_script_asks_for_deterministic_gpu_kernels_unless_told():
