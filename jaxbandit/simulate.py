@@ -672,7 +672,8 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
       # the whole-horizon host buffer, plus a chunk in transit when chunked
       "records_host": lanes * (config.horizon + chunk_size * (chunk_size < config.horizon)) * 36,
       "records_device": lanes * chunk_size * 9 * 4,
-      "truth": n_populations * 4 * n_contexts * n_users * (n_actions + 4),
+      # R* twice (cell-major and action-major) and the per-cell tables
+      "truth": n_populations * 4 * n_contexts * n_users * (2 * n_actions + 4),
   }
   if resolve_batching(config) == "vmap":
     # vmapped temporaries per lane: the regret's full re-scoring (scores,

@@ -255,6 +255,23 @@ def test_factor_cell_regret_matches_double_loop(seed):
                                                    queries), atol=1e-6)
 
 
+def test_factor_cell_regret_vmapped_over_problems_matches_each_double_loop():
+  """As in the vmapped kernel: the truth, the keys and the queries all batched (two
+  problems), so the pass reads each problem's own action-major R* planes."""
+  problems = [random_problem(seed) for seed in (2, 3)]
+  factors = [random_factors(seed) for seed in (2, 3)]
+  truths = jax.vmap(metrics.truth_tables)(
+      *(jnp.asarray(np.stack([p[i] for p in problems])) for i in range(3)))
+  keys = jnp.asarray(np.stack([f[0] for f in factors]))
+  queries = jnp.asarray(np.stack([f[1] for f in factors]))
+  got = np.asarray(jax.jit(jax.vmap(metrics.factor_cell_regret))(truths, queries, keys))
+  for lane, ((true_scores, weights, reference), (lane_keys, lane_queries)) in enumerate(
+      zip(problems, factors)):
+    np.testing.assert_allclose(got[lane], np_factor_regret(true_scores, weights, reference,
+                                                           lane_keys, lane_queries), atol=1e-6)
+  assert np.abs(got[0] - got[1]).max() > 1e-3  # the lanes are different problems
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(seed):
   """Small-integer factors make every score exact in float32, so many cells have tied
