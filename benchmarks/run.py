@@ -1200,12 +1200,12 @@ def memory_mode(args) -> None:
                        f"{n_seeds} seeds = {per_datum_hessian * n_seeds / mib:,.0f} MiB"})
   rows.append({"item": "total of the rows above (map)", "per_seed": "-", "mib": total,
                "note": "plus the JAX runtime (~400 MiB RSS measured) and XLA temp"})
-  config, _ = simulation_config(dataclasses.replace(case, seed_batching="map"))
-  if hasattr(simulate, "estimate_memory_bytes"):  # the package's own pre-run check
+  for batching in ("map", "vmap"):  # the package's own pre-run check
+    config, _ = simulation_config(dataclasses.replace(case, seed_batching=batching))
     package = simulate.estimate_memory_bytes(config, 1, u, c, a, m * q, n_seeds, horizon,
                                              n_solver=(m * q)**2 + 2 * m * q, n_factors=d)
-    rows.append({"item": "simulate.estimate_memory_bytes (map, one chunk)", "per_seed": "-",
-                 "mib": package["total"] / mib,
+    rows.append({"item": f"simulate.estimate_memory_bytes ({batching}, one chunk)",
+                 "per_seed": "-", "mib": package["total"] / mib,
                  "note": ", ".join(f"{k} {v / mib:,.0f}" for k, v in package.items()
                                    if k != "total") + " MiB"})
   for batching, hessian in (("map", "carried"), ("vmap", "carried"), ("map", "fresh")):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -676,11 +676,19 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
       "truth": n_populations * 4 * n_contexts * n_users * (2 * n_actions + 4),
   }
   if resolve_batching(config) == "vmap":
-    # vmapped temporaries per lane: the regret's full re-scoring (scores,
-    # distances, ratios, selection codes: about six (A, C, U) arrays, every
-    # round, since both branches run) and the ERM's per-datum Hessians.
-    estimate["vmap_temporaries"] = lanes * 4 * (6 * n_contexts * n_users * n_actions +
-                                                config.horizon * 64)
+    # vmapped temporaries per lane: the regret pass's (C, U) planes (queries,
+    # running maximum, index and value), about ten copies of the carried
+    # solver state (the while loops' carries and selects, the BFGS update, the
+    # batched Newton fallback) and the ERM's per-row temporaries over the rows
+    # one sum visits at a time; per population, the truth tables the kernel
+    # builds. Calibrated on XLA's temp allocation at U = 100 (the solver state
+    # is 246 KiB a lane): 1.3-1.4 MiB a lane on the CPU (16-1,024 lanes,
+    # horizons 2,000 and 10,000) and 2.4 MiB on an H200 (256 lanes, horizon
+    # 2,000); this counts 2.8 MiB.
+    rows = config.erm_block_size if uses_erm_blocks(config) else config.horizon
+    estimate["vmap_temporaries"] = (
+        lanes * 4 * (8 * n_contexts * n_users + 10 * n_solver + 64 * rows) +
+        n_populations * 4 * 2 * n_contexts * n_users * n_actions)
   estimate["total"] = sum(estimate.values())
   return estimate
 
@@ -697,24 +705,58 @@ def available_memory_bytes() -> Optional[int]:
   return None
 
 
+def device_memory_bytes(device) -> Optional[int]:
+  """Free memory of an accelerator, ``bytes_limit - bytes_in_use`` of its allocator
+  (None where the backend keeps no statistics, as on a CPU)."""
+  stats = device.memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def device_share_bytes(estimate: dict, n_devices: int) -> int:
+  """What one of ``n_devices`` devices (over every process) holds of an estimate:
+  everything but the host's record buffer, the seeds' part split over the devices
+  and the truth replicated."""
+  on_devices = estimate["total"] - estimate["records_host"] - estimate["truth"]
+  return int(-(-on_devices // n_devices) + estimate["truth"])
+
+
 def check_memory(config: SimulationConfig, instances: Instance, n_seeds: int, chunk_size: int,
-                 n_params: int, n_solver: int = 0, n_factors: int = 0) -> dict:
-  """Refuses, before compiling, a run whose estimated memory exceeds what is available."""
+                 n_params: int, n_solver: int = 0, n_factors: int = 0,
+                 devices: Sequence = (), n_processes: int = 1) -> dict:
+  """Refuses, before compiling, a run whose estimated memory exceeds what is available:
+  the whole estimate against the host's available memory and, on accelerators that
+  report their allocator's statistics (``devices``, the ones the seeds are split
+  over in each of ``n_processes`` processes), each device's share against its free
+  memory."""
   n_populations = instances.contexts.shape[0]
   n_contexts, n_users = instances.contexts.shape[-2], instances.heads.shape[-2]
   estimate = estimate_memory_bytes(config, n_populations, n_users, n_contexts,
                                    instances.actions.shape[-2], n_params, n_seeds, chunk_size,
                                    n_solver, n_factors)
+  breakdown = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items() if k != "total")
+
+  def refuse(needed, available, where, seeds_fitting):
+    raise ValueError(
+        f"n_seeds={n_seeds} x horizon={config.horizon} needs about {needed / 2**30:.1f} GiB "
+        f"{where} (of {estimate['total'] / 2**30:.1f} GiB in all: {breakdown} GiB) but "
+        f"{available / 2**30:.1f} GiB is available there; allowed: at most about "
+        f"{max(seeds_fitting, 0)} seeds per run at this horizon (run the rest with "
+        f"first_seed), or a shorter horizon")
+
   available = available_memory_bytes()
   if available is not None and estimate["total"] > 0.8 * available:
     per_seed = estimate["total"] / max(n_seeds, 1)
-    fitting = int(0.8 * available // max(per_seed, 1))
-    raise ValueError(
-        f"n_seeds={n_seeds} x horizon={config.horizon} needs about "
-        f"{estimate['total'] / 2**30:.1f} GiB ({', '.join(f'{k} {v / 2**30:.2f}' for k, v in estimate.items() if k != 'total')} GiB) "
-        f"but {available / 2**30:.1f} GiB is available; allowed: at most about "
-        f"{max(fitting, 0)} seeds per run at this horizon (run the rest with first_seed), "
-        f"or a shorter horizon")
+    refuse(estimate["total"], available, "on the host", int(0.8 * available // max(per_seed, 1)))
+  n_devices = len(devices) * n_processes
+  for device in devices:
+    free = device_memory_bytes(device)
+    share = device_share_bytes(estimate, n_devices)
+    if free is not None and share > 0.8 * free:
+      per_seed = (share - estimate["truth"]) * n_devices / max(n_seeds, 1)
+      refuse(share, free, f"on each of {n_devices} device(s), here {device}",
+             int(max(0.8 * free - estimate["truth"], 0) * n_devices // max(per_seed, 1)))
   return estimate
 
 
@@ -871,9 +913,10 @@ def simulate(instances: Instance, config: SimulationConfig,
     n_solver = (n_params * (n_params // n_users) if per_user else n_params**2) + 2 * n_params
   # the regret cache's anchor queries: d numbers for bilinear classes, J otherwise
   n_factors = latent_dim if config.model_class == "known_directions" else dim
-  check_memory(config, instances, n_seeds, chunk_size, n_params, n_solver, n_factors)
   n_processes, process = jax.process_count(), jax.process_index()
   n_local = min(n_local, max(1, -(-n_seeds // n_processes)))
+  check_memory(config, instances, n_seeds, chunk_size, n_params, n_solver, n_factors,
+               devices=jax.local_devices()[:n_local], n_processes=n_processes)
   per_process = -(-n_seeds // n_processes)  # ceil
   per_process = -(-per_process // n_local) * n_local  # a multiple of the local devices
   seed_ids = np.arange(first_seed + process * per_process,

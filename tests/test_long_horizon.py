@@ -80,6 +80,45 @@ def test_run_too_big_for_memory_is_refused_up_front(small_instance, monkeypatch)
   assert "512" in str(err.value)
 
 
+class _Accelerator:
+  """A device whose allocator reports statistics, as a GPU's does (a CPU's reports none)."""
+
+  def __init__(self, free_bytes):
+    self.free_bytes = free_bytes
+
+  def memory_stats(self):
+    return {"bytes_limit": self.free_bytes + 2**20, "bytes_in_use": 2**20}
+
+  def __str__(self):
+    return "accelerator"
+
+
+def test_run_too_big_for_a_device_is_refused_and_the_suggestion_fits(small_instance,
+                                                                      monkeypatch):
+  """On accelerators each device's share of the estimate must fit its free memory; the
+  seed count the error suggests does fit, and the share halves over two devices."""
+  monkeypatch.setattr(sim, "available_memory_bytes", lambda: None)  # host unknown: no check
+  config = sim.SimulationConfig(horizon=10_000, seed_batching="vmap")
+  stacked = jax.tree_util.tree_map(lambda x: x[None], small_instance)
+  args = (config, stacked)
+  sizes = dict(chunk_size=1000, n_params=8, n_solver=64 + 16, n_factors=2)
+  n_seeds = 1024
+  estimate = sim.estimate_memory_bytes(config, 1, 1, 2, 3, 8, n_seeds, 1000, 80, 2)
+  on_devices = estimate["total"] - estimate["records_host"]  # one device holds all of it
+  free = int(on_devices / 0.8 / 1.5)  # two thirds of what one device would need
+  with pytest.raises(ValueError, match=r"on each of 1 device\(s\), here accelerator.*"
+                                       r"allowed: at most about (\d+) seeds") as err:
+    sim.check_memory(*args, n_seeds, **sizes, devices=[_Accelerator(free)])
+  suggested = int(err.value.args[0].rsplit("at most about ", 1)[1].split()[0])
+  assert 0 < suggested < n_seeds
+  sim.check_memory(*args, suggested, **sizes, devices=[_Accelerator(free)])  # fits
+  # Two such devices each hold about half of the seeds' share: the run fits.
+  sim.check_memory(*args, n_seeds, **sizes, devices=[_Accelerator(free)] * 2)
+  # A CPU device reports no statistics and is never refused on its own.
+  assert sim.device_memory_bytes(jax.devices("cpu")[0]) is None
+  sim.check_memory(*args, n_seeds, **sizes, devices=jax.devices("cpu")[:1])
+
+
 def test_blocked_erm_matches_one_pass(small_instance):
   """Summing over the filled blocks only gives the same fits as one pass over the buffer."""
   runs = {block: sim.simulate(small_instance,
