@@ -358,8 +358,9 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
     else:
       rescored = jnp.asarray(truth.weights.size, jnp.int32)
       if estimate is None and factored:
-        per_cell = metrics.factor_cell_regret(truth, learner.score_queries(state.params),
-                                              learner.score_keys)
+        per_cell = metrics.factor_cell_regret(
+            truth, learner.score_queries(state.params), learner.score_keys,
+            carry_value=resolve_batching(config) == "vmap")
       else:
         if estimate is None:
           estimate = learner.scores(state.params)

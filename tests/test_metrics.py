@@ -9,6 +9,8 @@ log and sums) to 1e-5.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,27 +246,31 @@ def np_factor_regret(true_scores, weights, reference, keys, queries):
   return regret
 
 
+@pytest.mark.parametrize("carry_value", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_factor_cell_regret_matches_double_loop(seed):
+def test_factor_cell_regret_matches_double_loop(seed, carry_value):
   true_scores, weights, reference = random_problem(seed)
   keys, queries = random_factors(seed)
   truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
                                jnp.asarray(reference))
-  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys)))
+  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys),
+                                              carry_value))
   np.testing.assert_allclose(got, np_factor_regret(true_scores, weights, reference, keys,
                                                    queries), atol=1e-6)
 
 
 def test_factor_cell_regret_vmapped_over_problems_matches_each_double_loop():
-  """As in the vmapped kernel: the truth, the keys and the queries all batched (two
-  problems), so the pass reads each problem's own action-major R* planes."""
+  """As in the vmapped kernel (which carries the value): the truth, the keys and the
+  queries all batched (two problems), so the pass reads each problem's own
+  action-major R* planes."""
   problems = [random_problem(seed) for seed in (2, 3)]
   factors = [random_factors(seed) for seed in (2, 3)]
   truths = jax.vmap(metrics.truth_tables)(
       *(jnp.asarray(np.stack([p[i] for p in problems])) for i in range(3)))
   keys = jnp.asarray(np.stack([f[0] for f in factors]))
   queries = jnp.asarray(np.stack([f[1] for f in factors]))
-  got = np.asarray(jax.jit(jax.vmap(metrics.factor_cell_regret))(truths, queries, keys))
+  got = np.asarray(jax.jit(jax.vmap(functools.partial(metrics.factor_cell_regret,
+                                                      carry_value=True)))(truths, queries, keys))
   for lane, ((true_scores, weights, reference), (lane_keys, lane_queries)) in enumerate(
       zip(problems, factors)):
     np.testing.assert_allclose(got[lane], np_factor_regret(true_scores, weights, reference,
@@ -272,8 +278,9 @@ def test_factor_cell_regret_vmapped_over_problems_matches_each_double_loop():
   assert np.abs(got[0] - got[1]).max() > 1e-3  # the lanes are different problems
 
 
+@pytest.mark.parametrize("carry_value", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(seed):
+def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(seed, carry_value):
   """Small-integer factors make every score exact in float32, so many cells have tied
   maximisers: the factored path picks the lowest supported one, as the double loop does."""
   true_scores, weights, reference = random_problem(seed)
@@ -283,7 +290,8 @@ def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(see
   keys[0] = keys[0, :1]  # context 0: every action has the same key, so every cell ties
   truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
                                jnp.asarray(reference))
-  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys)))
+  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys),
+                                              carry_value))
   want = np_factor_regret(true_scores, weights, reference, keys, queries)
   np.testing.assert_allclose(got, want, atol=1e-6)
   # Resolving the same ties towards the highest index gives other regrets.
