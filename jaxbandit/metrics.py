@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,11 @@ class TruthTables(NamedTuple):
     weights: (n_contexts, n_users) cell weights d0 x rho.
     support: (n_contexts, n_actions) decision set.
     log_reference: (n_contexts, n_actions) log pi0, -inf off the support.
-    action_planes: (n_actions, n_contexts, n_users) the same R*, action-major:
-      the one-pass greedy choice (:func:`factor_cell_regret` with
-      ``carry_value``) reads one contiguous (C, U) plane per action.
+    action_planes: (n_actions, n_contexts, n_users) the same R*, action-major,
+      or None: where present, :func:`factor_cell_regret` carries each cell's
+      value through its one pass, reading one contiguous (C, U) plane per
+      action, instead of gathering it afterwards (``truth_tables(...,
+      action_major=True)``; the vmapped kernel asks for it).
   """
 
   scores: jax.Array
@@ -38,16 +40,16 @@ class TruthTables(NamedTuple):
   weights: jax.Array
   support: jax.Array
   log_reference: jax.Array
-  action_planes: jax.Array
+  action_planes: Optional[jax.Array] = None
 
 
-def truth_tables(true_scores, weights, reference_policy) -> TruthTables:
+def truth_tables(true_scores, weights, reference_policy, action_major: bool = False) -> TruthTables:
   support = reference_policy > 0
   masked = jnp.where(support[:, None, :], true_scores, -jnp.inf)
   log_reference = jnp.where(support, jnp.log(jnp.where(support, reference_policy, 1.0)),
                             -jnp.inf)
   return TruthTables(true_scores, jnp.max(masked, axis=-1), weights, support, log_reference,
-                     jnp.moveaxis(true_scores, -1, 0))
+                     jnp.moveaxis(true_scores, -1, 0) if action_major else None)
 
 
 def cell_regret(truth: TruthTables, estimated_scores) -> jax.Array:
@@ -388,17 +390,17 @@ def _greedy_pass(truth: TruthTables, queries, keys, track_value: bool):
   return greedy, value
 
 
-def factor_cell_regret(truth: TruthTables, queries, keys, carry_value: bool = False) -> jax.Array:
+def factor_cell_regret(truth: TruthTables, queries, keys) -> jax.Array:
   """Per-cell regret of the greedy selector, every cell scored (C, U) (no cache):
   ``greedy_regret(truth, factor_greedy(truth, queries, keys))``.
 
-  With ``carry_value`` the pass carries each cell's ``R*`` at its running
-  maximiser instead of gathering it afterwards (the same numbers, bit for bit).
-  Under ``vmap`` on XLA:CPU that is 2-4x faster (see :func:`_greedy_pass`);
-  one seed at a time the gather is about 10% faster, so the kernel carries the
-  value only when it vmaps the seeds.
+  With ``truth.action_planes`` the pass carries each cell's ``R*`` at its
+  running maximiser instead of gathering it afterwards (the same numbers, bit
+  for bit). Under ``vmap`` on XLA:CPU that is 2-4x faster (see
+  :func:`_greedy_pass`); one seed at a time nothing showed it faster, so only
+  the vmapped kernel builds the planes.
   """
-  if carry_value:
+  if truth.action_planes is not None:
     return truth.best - _greedy_pass(truth, queries, keys, track_value=True)[1]
   return greedy_regret(truth, factor_greedy(truth, queries, keys))
 

@@ -358,9 +358,8 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
     else:
       rescored = jnp.asarray(truth.weights.size, jnp.int32)
       if estimate is None and factored:
-        per_cell = metrics.factor_cell_regret(
-            truth, learner.score_queries(state.params), learner.score_keys,
-            carry_value=resolve_batching(config) == "vmap")
+        per_cell = metrics.factor_cell_regret(truth, learner.score_queries(state.params),
+                                              learner.score_keys)
       else:
         if estimate is None:
           estimate = learner.scores(state.params)
@@ -468,8 +467,10 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
   def run(instances, params, keys, states):
     n_populations, n_seeds = states.round.shape[:2]
     n_lanes = n_populations * n_seeds
+    # Action-major R* too: the vmapped regret pass carries its values (no gather).
     truths = jax.vmap(lambda inst: metrics.truth_tables(
-        true_scores(inst), cell_weights(inst), inst.reference_policy))(instances)
+        true_scores(inst), cell_weights(inst), inst.reference_policy, action_major=True))(
+            instances)
 
     def functions(instance, truth, lane_params, key):
       return _round_functions(config, instance, lane_params, key, truth=truth)
@@ -673,23 +674,23 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
       # the whole-horizon host buffer, plus a chunk in transit when chunked
       "records_host": lanes * (config.horizon + chunk_size * (chunk_size < config.horizon)) * 36,
       "records_device": lanes * chunk_size * 9 * 4,
-      # R* twice (cell-major and action-major) and the per-cell tables
-      "truth": n_populations * 4 * n_contexts * n_users * (2 * n_actions + 4),
+      # R* (under 'vmap' also action-major) and the per-cell tables
+      "truth": n_populations * 4 * n_contexts * n_users * (
+          n_actions * (2 if resolve_batching(config) == "vmap" else 1) + 4),
   }
   if resolve_batching(config) == "vmap":
     # vmapped temporaries per lane: the regret pass's (C, U) planes (queries,
     # running maximum, index and value), about ten copies of the carried
     # solver state (the while loops' carries and selects, the BFGS update, the
     # batched Newton fallback) and the ERM's per-row temporaries over the rows
-    # one sum visits at a time; per population, the truth tables the kernel
-    # builds. Calibrated on XLA's temp allocation at U = 100 (the solver state
-    # is 246 KiB a lane): 1.3-1.4 MiB a lane on the CPU (16-1,024 lanes,
-    # horizons 2,000 and 10,000) and 2.4 MiB on an H200 (256 lanes, horizon
-    # 2,000); this counts 2.8 MiB.
+    # one sum visits at a time. Calibrated on XLA's temp allocation (which
+    # also holds the truth tables the kernel builds, counted above) at U = 100
+    # (the solver state is 246 KiB a lane): 1.3-1.4 MiB a lane on the CPU
+    # (16-1,024 lanes, horizons 2,000 and 10,000) and 2.4 MiB on an H200 (256
+    # lanes, horizon 2,000); this counts 2.8 MiB.
     rows = config.erm_block_size if uses_erm_blocks(config) else config.horizon
-    estimate["vmap_temporaries"] = (
-        lanes * 4 * (8 * n_contexts * n_users + 10 * n_solver + 64 * rows) +
-        n_populations * 4 * 2 * n_contexts * n_users * n_actions)
+    estimate["vmap_temporaries"] = lanes * 4 * (8 * n_contexts * n_users + 10 * n_solver +
+                                                64 * rows)
   estimate["total"] = sum(estimate.values())
   return estimate
 

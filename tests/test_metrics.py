@@ -246,15 +246,14 @@ def np_factor_regret(true_scores, weights, reference, keys, queries):
   return regret
 
 
-@pytest.mark.parametrize("carry_value", [False, True])
+@pytest.mark.parametrize("action_major", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_factor_cell_regret_matches_double_loop(seed, carry_value):
+def test_factor_cell_regret_matches_double_loop(seed, action_major):
   true_scores, weights, reference = random_problem(seed)
   keys, queries = random_factors(seed)
   truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
-                               jnp.asarray(reference))
-  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys),
-                                              carry_value))
+                               jnp.asarray(reference), action_major)
+  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys)))
   np.testing.assert_allclose(got, np_factor_regret(true_scores, weights, reference, keys,
                                                    queries), atol=1e-6)
 
@@ -265,12 +264,11 @@ def test_factor_cell_regret_vmapped_over_problems_matches_each_double_loop():
   action-major R* planes."""
   problems = [random_problem(seed) for seed in (2, 3)]
   factors = [random_factors(seed) for seed in (2, 3)]
-  truths = jax.vmap(metrics.truth_tables)(
+  truths = jax.vmap(functools.partial(metrics.truth_tables, action_major=True))(
       *(jnp.asarray(np.stack([p[i] for p in problems])) for i in range(3)))
   keys = jnp.asarray(np.stack([f[0] for f in factors]))
   queries = jnp.asarray(np.stack([f[1] for f in factors]))
-  got = np.asarray(jax.jit(jax.vmap(functools.partial(metrics.factor_cell_regret,
-                                                      carry_value=True)))(truths, queries, keys))
+  got = np.asarray(jax.jit(jax.vmap(metrics.factor_cell_regret))(truths, queries, keys))
   for lane, ((true_scores, weights, reference), (lane_keys, lane_queries)) in enumerate(
       zip(problems, factors)):
     np.testing.assert_allclose(got[lane], np_factor_regret(true_scores, weights, reference,
@@ -278,9 +276,9 @@ def test_factor_cell_regret_vmapped_over_problems_matches_each_double_loop():
   assert np.abs(got[0] - got[1]).max() > 1e-3  # the lanes are different problems
 
 
-@pytest.mark.parametrize("carry_value", [False, True])
+@pytest.mark.parametrize("action_major", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(seed, carry_value):
+def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(seed, action_major):
   """Small-integer factors make every score exact in float32, so many cells have tied
   maximisers: the factored path picks the lowest supported one, as the double loop does."""
   true_scores, weights, reference = random_problem(seed)
@@ -289,9 +287,8 @@ def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(see
   queries = rng.integers(-1, 2, size=(N_CONTEXTS, N_USERS, N_FACTORS)).astype(np.float32)
   keys[0] = keys[0, :1]  # context 0: every action has the same key, so every cell ties
   truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
-                               jnp.asarray(reference))
-  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys),
-                                              carry_value))
+                               jnp.asarray(reference), action_major)
+  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys)))
   want = np_factor_regret(true_scores, weights, reference, keys, queries)
   np.testing.assert_allclose(got, want, atol=1e-6)
   # Resolving the same ties towards the highest index gives other regrets.
