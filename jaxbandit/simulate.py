@@ -304,7 +304,7 @@ class _RoundFunctions(NamedTuple):
 
 def _erm_blocks(config: SimulationConfig, learner: learners_lib.Learner, n_rows) -> dict:
   """The refit's ``block_size=``/``n_rows=`` arguments (empty when it visits the whole data)."""
-  if config.data_layout == "buffer" and learner.fits_in_blocks and uses_erm_blocks(config):
+  if learner.fits_in_blocks and uses_erm_blocks(config):  # (only in the buffer layout)
     return dict(block_size=config.erm_block_size, n_rows=n_rows)
   return {}
 
@@ -752,9 +752,9 @@ def check_memory(config: SimulationConfig, instances: Instance, n_seeds: int, ch
     per_seed = estimate["total"] / max(n_seeds, 1)
     refuse(estimate["total"], available, "on the host", int(0.8 * available // max(per_seed, 1)))
   n_devices = len(devices) * n_processes
+  share = device_share_bytes(estimate, n_devices) if devices else 0
   for device in devices:
     free = device_memory_bytes(device)
-    share = device_share_bytes(estimate, n_devices)
     if free is not None and share > 0.8 * free:
       per_seed = (share - estimate["truth"]) * n_devices / max(n_seeds, 1)
       refuse(share, free, f"on each of {n_devices} device(s), here {device}",
