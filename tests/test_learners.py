@@ -440,6 +440,48 @@ def test_masked_garbage_rows_are_ignored(inst, jit_fit, rng):
                              rtol=1e-5, atol=1e-6)
 
 
+# The three outer-product classes, each with another choice model.
+CELL_TABLE_PAIRS = [("known_heads", "bradley_terry"), ("per_user_bilinear", "plackett_luce"),
+                    ("pooled", "multinomial_logit")]
+
+
+@pytest.mark.parametrize("model_name,choice_name", CELL_TABLE_PAIRS)
+def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, inst, rng):
+  # The blocked gradient of outer-product classes sums each row's d-vector
+  # into a (context, user) table; it must equal the design-matrix gradient of
+  # the rows below n_rows whose mask is set, and ignore every other row.
+  model = L.make_model_class(model_name, inst)
+  top_m, slate_size = CHOICES[choice_name]
+  choice_model = C.get_choice_model(choice_name, top_m)
+  compact = cached_data(choice_name)
+  block, n_rows, capacity = 16, 137, 160  # the last visited block ends at row 144
+  fields = [np.array(field) for field in compact]
+  garbage = [rng.integers(0, inst.n_contexts, capacity),
+             rng.integers(0, inst.n_users, capacity),
+             np.argsort(rng.random((capacity, inst.n_actions)), axis=1)[:, :slate_size],
+             np.argsort(rng.random((capacity, slate_size)), axis=1)[:, :fields[3].shape[1]],
+             np.ones(capacity, bool)]  # rows past the visited blocks: marked, never read
+  for field, value in zip(garbage, fields):
+    field[:N_ROWS] = value
+  garbage[4][n_rows:144] = False  # unwritten rows inside the last visited block
+  garbage[4][rng.choice(n_rows, 20, replace=False)] = False  # rows masked out
+  buffer = L.ChoiceData(*(jnp.asarray(field) for field in garbage))
+  assert L._uses_cell_table(model, buffer, block)
+  theta = rng.normal(size=model.param_shape)
+  _, gradient, _ = L._objective_functions(model, choice_model, buffer, 0.7, block,
+                                          jnp.asarray(n_rows), jnp.float32)
+  got = np.asarray(jax.jit(gradient)(jnp.asarray(theta, jnp.float32)))
+  live = np.zeros(capacity)
+  live[:n_rows] = garbage[4][:n_rows]
+  design = np_design(model_name, inst, buffer)
+  _, expected, _ = np_objective(design, garbage[3], live, 0.7)(theta.ravel())
+  np.testing.assert_allclose(got.ravel(), expected, rtol=1e-5,
+                             atol=1e-5 * np.abs(expected).max())
+  # The rows it must ignore would have moved it.
+  _, everything, _ = np_objective(design, garbage[3], np.ones(capacity), 0.7)(theta.ravel())
+  assert np.abs(everything - expected).max() > 1e-2 * np.abs(expected).max()
+
+
 def test_choice_data_write_fills_one_row():
   data = L.ChoiceData.empty(4, 3, 2)
   assert data.slates.shape == (4, 3) and data.outcomes.shape == (4, 2)
