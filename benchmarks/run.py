@@ -62,6 +62,11 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
     ERM gradient        G(n) = n (4Kq + q) + 2 U m q
         (the U user vectors once, gathered per datum; utilities 2Kq, F^T grad
         2Kq, segment sum q)
+      in its cell-table form (blocked sums with C U d <= 32 x the buffer's rows)
+                        G_c(n) = n (4Kd + d) + 2 U m q + 4 C U d^2
+        (utilities 2Kd, sum_k grad_k a_k 2Kd, the add to the cell d; the
+        cells' queries and the (d, C) @ (C, U d) product 2 C U d^2 each);
+        the chord and quasi-Newton steps' gradients use it, H(n) does not
     ERM gradient+Hessian  H(n) = G(n) + n (2K^2 q + 2K q^2 + q^2) + 2 m^2 U q^2
         (per-datum F^T W F, segment sums into S_i, and the (m^2 x U) @ (U x q^2)
         product that assembles sum_i e_i e_i^T kron S_i)
@@ -199,21 +204,29 @@ def simulation_config(case: Case):
 # ---------------------------------------------------------------------------
 
 
-def gradient_flops(n_buffer, n_users, q, m, slate_size):
-  """Analytic flops of one ERM gradient over ``n_buffer`` rows (the module docstring's G(n))."""
+def gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table=None):
+  """Analytic flops of one ERM gradient over ``n_buffer`` rows (the module docstring's
+  G(n)); with ``cell_table = (n_contexts, d)`` the cell-table form's G_c(n)."""
+  if cell_table is not None:
+    n_contexts, d = cell_table
+    return (n_buffer * (4 * slate_size * d + d) + 2 * n_users * m * q +
+            4 * n_contexts * n_users * d * d)
   return n_buffer * (4 * slate_size * q + q) + 2 * n_users * m * q
 
 
-def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps):
+def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps,
+              cell_table=None):
   """Analytic flops of one warm-started refit (see the module docstring).
 
   ``iterations`` may be an array (one refit each); returns the same shape.
+  ``cell_table``: as in :func:`gradient_flops` (the chord steps' gradients).
   """
   iterations = np.asarray(iterations, np.float64)
   k = slate_size
   p = m * q
-  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
-  gradient_hessian = (gradient + n_buffer * (2 * k * k * q + 2 * k * q * q + q * q) +
+  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table)
+  per_user_gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
+  gradient_hessian = (per_user_gradient + n_buffer * (2 * k * k * q + 2 * k * q * q + q * q) +
                       2 * m * m * n_users * q * q)
   objective = n_buffer * 2 * k * q + 2 * n_users * m * q
   solve = 4.0 * p * p
@@ -223,7 +236,7 @@ def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps):
   return gradient + hessians * newton + (iterations - hessians) * chord
 
 
-def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations):
+def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations, cell_table=None):
   """Analytic flops of one refit with ``erm_hessian='carried'`` (a lower bound).
 
   Per refit: the Woodbury update for the new observation (``K`` columns:
@@ -231,11 +244,11 @@ def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations):
   carried gradient and its direction ``P g``; per quasi-Newton step a gradient, the direction ``P g`` (2P^2) and
   the BFGS update (``P y`` 2P^2, three outer products 6P^2). The occasional
   refresh of the inverse (a Hessian, a Cholesky and an inverse) is not
-  recorded per round and not counted.
+  recorded per round and not counted. ``cell_table``: as in :func:`gradient_flops`.
   """
   iterations = np.asarray(iterations, np.float64)
   k, p = slate_size, m * q
-  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
+  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table)
   woodbury = 4.0 * k * p * p
   start = 2.0 * (k + m) * q + 2.0 * p * p  # the new row's gradient term, P g
   step = gradient + 2.0 * p * p + 8.0 * p * p
@@ -283,12 +296,15 @@ def flops_per_seed_round(case: Case, records, config) -> dict:
     rows = np.minimum(np.ceil(rounds / block) * block, simulate.buffer_capacity(config))
   else:
     rows = np.full(rounds.shape, float(simulate.buffer_capacity(config)))
+  blocks = config.erm_block_size if simulate.uses_erm_blocks(config) else None
+  cell_table = ((case.n_contexts, d) if learners.cell_table_applies(
+      case.n_contexts, case.n_users, d, simulate.buffer_capacity(config), blocks) else None)
   if config.erm_hessian == "carried":
     erm = carried_erm_flops(rows, case.n_users, q, m, config.slate_size,
-                            np.asarray(records.erm_iterations))
+                            np.asarray(records.erm_iterations), cell_table)
   else:
     erm = erm_flops(rows, case.n_users, q, m, config.slate_size,
-                    np.asarray(records.erm_iterations), max_chord)
+                    np.asarray(records.erm_iterations), max_chord, cell_table)
   return {
       "regret_flops": float(regret.mean()),
       "erm_flops": float(erm.mean()),
@@ -1057,6 +1073,11 @@ def breakdown_mode(args) -> None:
   ridge = jnp.float32(preset.ridge)
   q, m, k, p = case.dim**2, case.latent_dim, 2, case.latent_dim * case.dim**2
   grad_f = float(gradient_flops(n, case.n_users, q, m, k))
+  # The same rows in a buffer of whole blocks (masked rows past n), as the simulator keeps it.
+  block = 256
+  extra = -n % block
+  padded = learners.ChoiceData(*(jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
+                                 for x in data))
   hess_f = grad_f + n * (2 * k * k * q + 2 * k * q * q + q * q)
   assemble_f = 2.0 * m * m * case.n_users * q * q
   cells = case.n_contexts * case.n_users
@@ -1091,6 +1112,15 @@ def breakdown_mode(args) -> None:
        float(n * 2 * k * q + 2 * case.n_users * m * q)),
       ("ERM gradient (chord step)", jax.jit(lambda w: learners._gradient(
           model, choice_model, w, data, ridge)), params, grad_f),
+      (f"ERM gradient, blocks of {block}: per-user rows", jax.jit(
+          lambda w: learners._assemble(model, w, ridge, learners._over_blocks(
+              padded, block, n, lambda rows: learners._per_user_gradient(
+                  model, choice_model, w, rows), jnp.zeros((case.n_users, q), jnp.float32)))),
+       params, grad_f),
+      (f"ERM gradient, blocks of {block}: cell table", jax.jit(
+          lambda w: learners._assemble(model, w, ridge, learners._cell_table_user_gradient(
+              model, choice_model, w, padded, block, n))),
+       params, float(gradient_flops(n, case.n_users, q, m, k, (case.n_contexts, case.dim)))),
       ("ERM gradient + Hessian", hessian, params, hess_f + assemble_f),
       ("  of which per-user Hessian assembly", jax.jit(
           lambda s: (learners.make_model_class(config.model_class, instance).embedding.T @

@@ -313,15 +313,23 @@ _CELL_TABLE_ROWS_RATIO = 32
 _CELL_TABLE_MAX_BLOCK = 256
 
 
+def cell_table_applies(n_contexts: int, n_users: int, d: int, capacity: int,
+                       block_size: Optional[int]) -> bool:
+  """Whether an outer-product class's gradient over a buffer of ``capacity`` rows,
+  summed in blocks of ``block_size`` (None: no blocks), uses the cell table:
+  blocks of at most 256 rows and ``C U d <= 32 capacity``."""
+  if block_size is None or block_size > _CELL_TABLE_MAX_BLOCK:
+    return False
+  return n_contexts * n_users * d <= _CELL_TABLE_ROWS_RATIO * capacity
+
+
 def _uses_cell_table(model: ModelClass, data: ChoiceData, block_size: Optional[int]) -> bool:
-  """Whether the blocked gradient goes through :func:`_cell_table_user_gradient` (static):
-  outer-product features, blocks of at most 256 rows, and a buffer of at least
-  ``C U d / 32`` rows."""
-  if model.outer_factors is None or block_size is None or block_size > _CELL_TABLE_MAX_BLOCK:
+  """Whether the blocked gradient goes through :func:`_cell_table_user_gradient` (static)."""
+  if model.outer_factors is None:
     return False
   n_contexts, _, d = model.outer_factors[1].shape
-  n_users = model.embedding.shape[0]
-  return n_contexts * n_users * d <= _CELL_TABLE_ROWS_RATIO * data.contexts.shape[0]
+  return cell_table_applies(n_contexts, model.embedding.shape[0], d, data.contexts.shape[0],
+                            block_size)
 
 
 def _cell_table_user_gradient(model, choice_model, params, data, block_size, n_rows):
