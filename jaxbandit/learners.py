@@ -343,15 +343,12 @@ def _cell_table_user_gradient(model, choice_model, params, data, block_size, n_r
   contexts turns the table into ``G_i = sum_x x (outer) D_xi``. That is
   (K + 2) d numbers moved per row instead of (K + 2) d^2, for a fixed cost of
   one pass over the table. Only the first ``n_rows`` rows are visited,
-  ``block_size`` at a time (as in :func:`_over_blocks`).
+  ``block_size`` at a time (:func:`_fold_blocks`).
   """
   contexts, actions = model.outer_factors
   n_contexts, n_actions, d = actions.shape
   n_users = model.embedding.shape[0]
-  # The queries g_xi = W_i^T x of every cell, as one (C, d) @ (d, U d) product.
-  weights = user_vectors(model, params).reshape(n_users, d, d)
-  queries = contexts @ weights.transpose(1, 0, 2).reshape(d, n_users * d)
-  queries = queries.reshape(n_contexts * n_users, d)
+  queries = score_queries(model, params).reshape(n_contexts * n_users, d)
   keys = actions.reshape(n_contexts * n_actions, d)
 
   def add_rows(rows, table):
@@ -362,14 +359,8 @@ def _cell_table_user_gradient(model, choice_model, params, data, block_size, n_r
     grad_u = grad_u * rows.mask.astype(params.dtype)[:, None]
     return table.at[cells].add(jnp.sum(grad_u[:, :, None] * slate_keys, axis=1))
 
-  def body(index, table):
-    start = index * block_size
-    rows = jax.tree_util.tree_map(
-        lambda x: jax.lax.dynamic_slice_in_dim(x, start, block_size, axis=0), data)
-    return add_rows(rows, table)
-
-  table = jax.lax.fori_loop(0, (n_rows + block_size - 1) // block_size, body,
-                            jnp.zeros((n_contexts * n_users, d), params.dtype))
+  table = _fold_blocks(data, block_size, n_rows, add_rows,
+                       jnp.zeros((n_contexts * n_users, d), params.dtype))
   # G[i, (j, l)] = sum_x x[j] D[x, i, l]: one (d, C) @ (C, U d) product.
   stats = contexts.T @ table.reshape(n_contexts, n_users * d)  # (d, U d)
   return stats.reshape(d, n_users, d).transpose(1, 0, 2).reshape(n_users, d * d)
@@ -416,22 +407,29 @@ def _gradient_hessian(model, choice_model, params, data, ridge):
   return _assemble(model, params, ridge, user_grad, user_hess)
 
 
-def _over_blocks(data: ChoiceData, block_size: int, n_rows, fn, init):
-  """Sums ``fn(rows)`` over the first ``n_rows`` rows of ``data``, ``block_size`` at a time.
+def _fold_blocks(data: ChoiceData, block_size: int, n_rows, step, init):
+  """``total = step(rows, total)`` over the first ``n_rows`` rows of ``data``,
+  ``block_size`` at a time, from ``init``.
 
   The trip count is ``ceil(n_rows / block_size)``, so the work grows with the
   rows filled so far rather than with the buffer's capacity (a multiple of
   ``block_size``); rows past ``n_rows`` inside the last block are masked.
   """
-  n_blocks = (n_rows + block_size - 1) // block_size
-
   def body(index, total):
     start = index * block_size
     rows = jax.tree_util.tree_map(
         lambda x: jax.lax.dynamic_slice_in_dim(x, start, block_size, axis=0), data)
-    return jax.tree_util.tree_map(jnp.add, total, fn(rows))
+    return step(rows, total)
 
-  return jax.lax.fori_loop(0, n_blocks, body, init)
+  return jax.lax.fori_loop(0, (n_rows + block_size - 1) // block_size, body, init)
+
+
+def _over_blocks(data: ChoiceData, block_size: int, n_rows, fn, init):
+  """Sums ``fn(rows)`` over the first ``n_rows`` rows of ``data``, ``block_size`` at a
+  time (see :func:`_fold_blocks`)."""
+  return _fold_blocks(data, block_size, n_rows,
+                      lambda rows, total: jax.tree_util.tree_map(jnp.add, total, fn(rows)),
+                      init)
 
 
 def _factor(model, hess, damping):
