@@ -1074,7 +1074,7 @@ def breakdown_mode(args) -> None:
   q, m, k, p = case.dim**2, case.latent_dim, 2, case.latent_dim * case.dim**2
   grad_f = float(gradient_flops(n, case.n_users, q, m, k))
   # The same rows in a buffer of whole blocks (masked rows past n), as the simulator keeps it.
-  block = 256
+  block = config.erm_block_size
   extra = -n % block
   padded = learners.ChoiceData(*(jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
                                  for x in data))
