@@ -1061,7 +1061,7 @@ def breakdown_mode(args) -> None:
   learner = learners.make_learner(model, choice_model, tol=config.erm_tol,
                                   max_iterations=config.erm_max_iterations)
   truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
-                               instance.reference_policy)
+                               instance.reference_policy, action_major=True)  # as the kernel
   rng = np.random.default_rng(0)
   n = case.horizon
   data = learners.ChoiceData(

@@ -32,7 +32,7 @@ class TruthTables(NamedTuple):
       or None: where present, :func:`factor_cell_regret` carries each cell's
       value through its one pass, reading one contiguous (C, U) plane per
       action, instead of gathering it afterwards (``truth_tables(...,
-      action_major=True)``; the vmapped kernel asks for it).
+      action_major=True)``; the simulator's kernels ask for it).
   """
 
   scores: jax.Array
@@ -396,9 +396,10 @@ def factor_cell_regret(truth: TruthTables, queries, keys) -> jax.Array:
 
   With ``truth.action_planes`` the pass carries each cell's ``R*`` at its
   running maximiser instead of gathering it afterwards (the same numbers, bit
-  for bit). Under ``vmap`` on XLA:CPU that is 2-4x faster (see
-  :func:`_greedy_pass`); one seed at a time nothing showed it faster, so only
-  the vmapped kernel builds the planes.
+  for bit). On XLA:CPU that is 2-4x faster under ``vmap`` (see
+  :func:`_greedy_pass`) and, one seed at a time, as fast on an AVX-512 CPU
+  and 4.4x faster on an AVX2 one (0.73 against 3.2 ms at 100 x 100 cells x
+  100 actions), so every simulator kernel builds the planes.
   """
   if truth.action_planes is not None:
     return truth.best - _greedy_pass(truth, queries, keys, track_value=True)[1]

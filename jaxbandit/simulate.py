@@ -327,8 +327,10 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
   choice_model, default_learner, policy = _components(config, instance)
   learner = default_learner if learner is None else learner
   if truth is None:
+    # Action-major R* wherever every cell is scored through factors: the pass
+    # then carries each cell's value instead of gathering it afterwards.
     truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
-                                 instance.reference_policy)
+                                 instance.reference_policy, action_major=True)
   log_context = jnp.log(instance.context_weights)
   log_user = jnp.log(instance.user_weights)
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
