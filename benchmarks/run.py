@@ -48,7 +48,9 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
 
     regret (per round)  scores are <g, a> with the query g = W_i^T x (d numbers):
         queries Q = 2 C U d^2 + 2 U m q (user matrices, then every cell's g);
-        'full':        Q + C U A 2d (every cell, every action);
+        'full':        Q + C U V 2d (every cell, the V actions per context
+                       that can be greedy, simulate.action_labels; V = A
+                       where nothing is left out);
         'incremental': Q + C U 3d (the queries and each cell's move from
                        its anchor)
                        + C U K 2d (K = regret_candidates scores per cell)
@@ -269,8 +271,11 @@ def regret_flops(cells_scored, n_contexts, n_actions, n_users, d, q, m, candidat
           n_contexts * n_users * candidates * 2.0 * d + cells * n_actions * 5.0 * d)
 
 
-def flops_per_seed_round(case: Case, records, config) -> dict:
-  """Mean analytic flops per seed-round of a run, split into regret and ERM."""
+def flops_per_seed_round(case: Case, records, config, visited_actions=None) -> dict:
+  """Mean analytic flops per seed-round of a run, split into regret and ERM.
+
+  ``visited_actions``: the actions the 'full' regret pass visits per cell
+  (the width of ``simulate.action_labels``; every action when None)."""
   from jaxbandit import learners
   from jaxbandit import simulate
 
@@ -280,7 +285,8 @@ def flops_per_seed_round(case: Case, records, config) -> dict:
   rescored = np.asarray(records.rescored_cells)
   d = case.dim
   if simulate.resolve_regret_evaluation(config) == "full":
-    regret = regret_flops(all_cells, case.n_contexts, case.n_actions, case.n_users, d, q, m)
+    regret = regret_flops(all_cells, case.n_contexts, visited_actions or case.n_actions,
+                          case.n_users, d, q, m)
     regret = np.full(rescored.shape, regret)
   else:
     budget = min(config.rescore_budget, all_cells)
@@ -344,6 +350,11 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
                      f"{jax.local_device_count()} local devices; allowed: run the row in its "
                      f"own subprocess (not --in-process), which makes them")
   kernel = simulate.make_chunk_kernel(config, case.horizon, case.n_devices)
+  # The regret pass's actions, as simulate() passes them (host work, not timed).
+  labels = simulate.action_labels(config, instances)
+  if case.n_devices > 1:
+    labels = simulate.replicate_on_devices(case.n_devices, labels)
+
   def fresh_states():
     # Several devices: every input laid out as the kernel splits them, so the
     # compiled kernel is timed without moving them first (placing an input
@@ -361,7 +372,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
   load_before = load1()
 
   start = time.perf_counter()
-  compiled = kernel.lower(instances, params, keys, states).compile()
+  compiled = kernel.lower(instances, params, keys, states, labels).compile()
   compile_seconds = time.perf_counter() - start
   try:
     memory = compiled.memory_analysis()
@@ -378,7 +389,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
       jax.block_until_ready(states)
     cpu_start = time.process_time()
     start = time.perf_counter()
-    final_states, records = compiled(instances, params, keys, states)
+    final_states, records = compiled(instances, params, keys, states, labels)
     jax.block_until_ready((final_states, records))
     run_times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
@@ -386,7 +397,8 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
   run_seconds, cpu_seconds = run_times[best], cpu_times[best]
   records = jax.device_get(records)
 
-  flops = flops_per_seed_round(case, records, config)
+  flops = flops_per_seed_round(case, records, config,
+                               None if labels is None else labels.shape[-1])
   cumulative = np.cumsum(np.asarray(records.regret, np.float64), axis=-1)[0, :, -1]
   seed_rounds = case.n_seeds * case.horizon
   return {
@@ -1049,6 +1061,7 @@ def breakdown_mode(args) -> None:
   from jaxbandit import choice as choice_lib
   from jaxbandit import learners
   from jaxbandit import metrics
+  from jaxbandit import simulate
   from jaxbandit.instance import cell_weights, true_scores
 
   started = time.time()
@@ -1086,11 +1099,20 @@ def breakdown_mode(args) -> None:
   hessian = jax.jit(lambda w: learners._gradient_hessian(model, choice_model, w, data, ridge))
   _, hess_matrix = hessian(params)
   converged = learner.fit(params, data, ridge).params
+  labels = simulate.action_labels(config, instance)
+  subset = None if labels is None else metrics.action_subset(truth, learner.score_keys,
+                                                             labels[0])
+  visited = case.n_actions if labels is None else labels.shape[-1]
   components = [
-      ("regret: every cell, every action ('full')",
+      ("regret: every cell, every action",
        jax.jit(lambda w: metrics.factor_cell_regret(truth, learner.score_queries(w),
                                                     learner.score_keys)),
        params, float(regret_flops(cells, case.n_contexts, case.n_actions, case.n_users,
+                                  case.dim, q, m))),
+      (f"regret: every cell, {visited} actions that can be greedy ('full')",
+       jax.jit(lambda w: metrics.factor_cell_regret(truth, learner.score_queries(w),
+                                                    learner.score_keys, subset)),
+       params, float(regret_flops(cells, case.n_contexts, visited, case.n_users,
                                   case.dim, q, m))),
       (f"regret cache: full re-scoring (K={n_candidates})",
        jax.jit(lambda w: metrics.rescore_all(truth, learner.score_queries(w),
@@ -1245,7 +1267,8 @@ def memory_mode(args) -> None:
     kernel = simulate.make_chunk_kernel(config, horizon)
     start = time.perf_counter()
     try:
-      compiled = kernel.lower(instances, params, keys, states).compile()
+      compiled = kernel.lower(instances, params, keys, states,
+                              simulate.action_labels(config, instances)).compile()
       stats = compiled.memory_analysis()
       note = (f"XLA: arguments {stats.argument_size_in_bytes / mib:,.0f} MiB, outputs "
               f"{stats.output_size_in_bytes / mib:,.0f} MiB, aliased "

@@ -321,9 +321,15 @@ def _refit_fallback(config: SimulationConfig, learner: learners_lib.Learner, fit
 
 def _round_functions(config: SimulationConfig, instance: Instance, params: SimulationParams,
                      key: jax.Array, learner: Optional[learners_lib.Learner] = None,
-                     truth: Optional[metrics.TruthTables] = None) -> _RoundFunctions:
+                     truth: Optional[metrics.TruthTables] = None,
+                     action_labels: Optional[jax.Array] = None,
+                     subset: Optional[metrics.ActionSubset] = None) -> _RoundFunctions:
   """The pieces of one round for one seed (see :func:`run_rounds`); ``truth``, if
-  given, is ``instance``'s truth tables, computed once by the caller."""
+  given, is ``instance``'s truth tables, computed once by the caller.
+
+  ``action_labels`` (C, V) (see :func:`action_labels`), or the ``subset`` the
+  caller gathered from them, restrict the regret pass to the actions that can
+  be greedy; the regret is the same."""
   choice_model, default_learner, policy = _components(config, instance)
   learner = default_learner if learner is None else learner
   if truth is None:
@@ -339,6 +345,8 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
   phases = learner.carried_phases if refits_in_phases(config, learner) else None
   # A constant of the keys, computed once here rather than in every round.
   key_norms = None if learner.score_keys is None else metrics.key_norms(learner.score_keys)
+  if subset is None and action_labels is not None and learner.score_keys is not None:
+    subset = metrics.action_subset(truth, learner.score_keys, action_labels)
   table = None
   if config.data_layout == "table":
     table = learners_lib.empty_table(instance.n_contexts, instance.n_users, instance.n_actions,
@@ -364,7 +372,7 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
       rescored = jnp.asarray(truth.weights.size, jnp.int32)
       if estimate is None and factored:
         per_cell = metrics.factor_cell_regret(truth, learner.score_queries(state.params),
-                                              learner.score_keys)
+                                              learner.score_keys, subset)
       else:
         if estimate is None:
           estimate = learner.scores(state.params)
@@ -417,7 +425,8 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
 
 def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationParams,
                key: jax.Array, state: SimState, n_rounds: int,
-               learner: Optional[learners_lib.Learner] = None):
+               learner: Optional[learners_lib.Learner] = None,
+               action_labels: Optional[jax.Array] = None):
   """Advances one seed by ``n_rounds`` rounds (static) with a ``lax.scan``.
 
   Args:
@@ -429,12 +438,15 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     n_rounds: rounds to run (static).
     learner: optional :class:`learners.Learner` replacing the configured
       model class (for custom learners and tests).
+    action_labels: optional (C, V) int32, the actions the regret pass visits
+      (:func:`action_labels` for this instance); every action without it.
 
   Returns:
     ``(state, records)`` with records a :class:`RoundRecord` of (n_rounds,) arrays.
   """
   learner = _components(config, instance)[1] if learner is None else learner
-  round_functions = _round_functions(config, instance, params, key, learner)
+  round_functions = _round_functions(config, instance, params, key, learner,
+                                     action_labels=action_labels)
 
   def one_round(state: SimState, _):
     pending = round_functions.begin(state)
@@ -457,8 +469,9 @@ def fallback_group_size(n_lanes: int) -> int:
 
 
 def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
-  """``(instances (P, ...), params (P,), keys (S,), states (P, S, ...)) -> (states,
-  records (P, S, n_rounds))``: a ``lax.scan`` over rounds of one batched round.
+  """``(instances (P, ...), params (P,), keys (S,), states (P, S, ...), labels (P, C, V)
+  or None) -> (states, records (P, S, n_rounds))``: a ``lax.scan`` over rounds of
+  one batched round.
 
   The round runs vmapped over every lane (population x seed), except the
   carried refit's Newton fallback (Hessian, Cholesky, a fresh inverse), which
@@ -469,22 +482,27 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
   those run it. Each lane's arithmetic is the same as in :func:`run_rounds`.
   """
 
-  def run(instances, params, keys, states):
+  def run(instances, params, keys, states, labels=None):
     n_populations, n_seeds = states.round.shape[:2]
     n_lanes = n_populations * n_seeds
+    learner_of = lambda instance: _components(config, instance)[1]
     # Action-major R* too: the vmapped regret pass carries its values (no gather).
     truths = jax.vmap(lambda inst: metrics.truth_tables(
         true_scores(inst), cell_weights(inst), inst.reference_policy, action_major=True))(
             instances)
+    # The regret pass's actions, gathered once per population (not per lane and round).
+    subsets = None if labels is None else jax.vmap(
+        lambda inst, truth, lab: metrics.action_subset(truth, learner_of(inst).score_keys,
+                                                       lab))(instances, truths, labels)
 
-    def functions(instance, truth, lane_params, key):
-      return _round_functions(config, instance, lane_params, key, truth=truth)
+    def functions(instance, tables, lane_params, key):
+      truth, subset = tables
+      return _round_functions(config, instance, lane_params, key, truth=truth, subset=subset)
 
     over_lanes = lambda fn: jax.vmap(jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0)),
                                      in_axes=(0, 0, 0, None, 0, 0))
     begin = over_lanes(lambda i, t, p, k, s, _: functions(i, t, p, k).begin(s))
     finish = over_lanes(lambda i, t, p, k, s, pending: functions(i, t, p, k).finish(s, pending))
-    learner_of = lambda instance: _components(config, instance)[1]
     # A question of the config, asked of the first population's learner at trace time.
     phased = refits_in_phases(config, learner_of(
         jax.tree_util.tree_map(lambda x: x[0], instances)))
@@ -518,10 +536,10 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
           lambda x: x.reshape((n_populations, n_seeds) + x.shape[1:]), fits))
 
     def one_round(states, _):
-      pending = begin(instances, truths, params, keys, states, states.round)
+      pending = begin(instances, (truths, subsets), params, keys, states, states.round)
       if phased:
         pending = fallback_where_needed(pending)
-      return finish(instances, truths, params, keys, states, pending)
+      return finish(instances, (truths, subsets), params, keys, states, pending)
 
     states, records = jax.lax.scan(one_round, states, None, length=n_rounds)
     return states, jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, -1), records)
@@ -571,12 +589,14 @@ def _map_in_place(fn, states):
 def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 1):
   """``jit(vmap_populations(vmap_seeds(run_rounds)))`` for chunks of ``n_rounds``.
 
-  The returned function maps ``(instances, params, keys, states)`` with
-  instances stacked on a leading population axis (P, ...) (a "population"
+  The returned function maps ``(instances, params, keys, states, labels=None)``
+  with instances stacked on a leading population axis (P, ...) (a "population"
   lane may be a population size or a sweep grid point), params whose leaves
   are scalars (shared) or (P,) arrays (one value per lane), keys (S,) shared
-  by every lane, and states (P, S, ...) to ``(states, records)`` with records
-  (P, S, n_rounds). ``states`` is donated.
+  by every lane, states (P, S, ...) and the regret pass's actions ``labels``
+  (P, C, V) of :func:`action_labels` (None: every action) to ``(states,
+  records)`` with records (P, S, n_rounds). ``states`` is donated. The labels
+  change no number, only the time: pass ``action_labels(config, instances)``.
 
   With ``n_devices > 1`` the seed axis is split over the first ``n_devices``
   local devices with ``jax.shard_map`` (each device runs its seeds; nothing
@@ -587,20 +607,22 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
   same shapes) reuse one compiled kernel instead of recompiling.
   """
 
-  def one_seed(instance, params, key, state):
-    return run_rounds(config, instance, params, key, state, n_rounds)
+  def one_seed(instance, params, key, state, labels):
+    return run_rounds(config, instance, params, key, state, n_rounds, action_labels=labels)
 
   if resolve_batching(config) == "vmap":
     over_populations = _vmapped_rounds(config, n_rounds)
   else:  # "map": one after another, each loop and branch doing only its own work
 
-    def over_seeds(instance, params, keys, states):
-      return _map_in_place(lambda i, state: one_seed(instance, params, keys[i], state), states)
+    def over_seeds(instance, params, keys, states, labels):
+      return _map_in_place(lambda i, state: one_seed(instance, params, keys[i], state, labels),
+                           states)
 
-    def over_populations(instances, params, keys, states):
+    def over_populations(instances, params, keys, states, labels=None):
       pick = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)
       return _map_in_place(
-          lambda i, state: over_seeds(pick(instances, i), pick(params, i), keys, state), states)
+          lambda i, state: over_seeds(pick(instances, i), pick(params, i), keys, state,
+                                      pick(labels, i)), states)
   if n_devices > 1:
     from jax.sharding import PartitionSpec
 
@@ -608,17 +630,56 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
     over_populations = jax.shard_map(
         over_populations, mesh=mesh,
         in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec("seeds"),
-                  PartitionSpec(None, "seeds")),
+                  PartitionSpec(None, "seeds"), PartitionSpec()),
         out_specs=(PartitionSpec(None, "seeds"), PartitionSpec(None, "seeds")),
         check_vma=False)  # per-seed loops start from constants; nothing is communicated
   @full_precision  # float32 products at full precision on every backend (precision.py)
-  def lanes(instances, params, keys, states):
+  def lanes(instances, params, keys, states, labels=None):
     n_lanes = instances.contexts.shape[0]
     params = jax.tree_util.tree_map(
         lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n_lanes,)), params)
-    return over_populations(instances, params, keys, states)
+    return over_populations(instances, params, keys, states, labels)
 
   return jax.jit(lanes, donate_argnums=(3,))
+
+
+def action_labels(config: SimulationConfig, instances: Instance) -> Optional[np.ndarray]:
+  """(P, C, V) int32: per population and context, the actions the regret pass visits.
+
+  The actions some query could make greedy (:func:`metrics.extreme_actions`,
+  Qhull on the host), for every kernel of ``config`` that scores every cell
+  through the learner's factors; None where there is nothing to leave out
+  (other regret paths, keys of more than ``metrics.EXTREME_MAX_FACTORS``
+  factors, or hulls whose vertices are nearly every action). ``V`` is the
+  longest context's count over every population, rounded up to a multiple of
+  8. Populations with the same keys and support share one computation.
+  """
+  if config.record_kl or resolve_regret_evaluation(config) != "full":
+    return None
+  stacked = instances.contexts.ndim == 3
+  n_populations = instances.contexts.shape[0] if stacked else 1
+  n_actions = instances.actions.shape[-2]
+  kept, seen = [], {}
+  for population in range(n_populations):
+    instance = (jax.tree_util.tree_map(lambda x: np.asarray(x)[population], instances)
+                if stacked else instances)
+    learner = _components(config, instance)[1]
+    if learner.score_keys is None or learner.score_queries is None:
+      return None
+    keys = np.asarray(learner.score_keys, np.float32)
+    support = np.asarray(instance.reference_policy) > 0
+    if keys.shape[-1] > metrics.EXTREME_MAX_FACTORS:
+      return None
+    fingerprint = (keys.tobytes(), support.tobytes())
+    if fingerprint not in seen:
+      seen[fingerprint] = metrics.extreme_actions(keys, support)
+    kept.append(seen[fingerprint])
+  longest = max(len(row) for rows in kept for row in rows)
+  width = -(-longest // 8) * 8
+  tables = [metrics.subset_labels(rows, n_actions, width) for rows in kept]
+  if any(table is None for table in tables):
+    return None
+  return np.stack(tables)
 
 
 def seed_mesh(n_devices: int):
@@ -640,6 +701,13 @@ def place_on_devices(n_devices: int, instances, params, keys, states):
   return (jax.device_put(instances, every), jax.device_put(params, every),
           jax.device_put(keys, NamedSharding(mesh, PartitionSpec("seeds"))),
           jax.device_put(states, NamedSharding(mesh, PartitionSpec(None, "seeds"))))
+
+
+def replicate_on_devices(n_devices: int, tree):
+  """``tree`` (e.g. :func:`action_labels`) on every one of the first ``n_devices``."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  return jax.device_put(tree, NamedSharding(seed_mesh(n_devices), PartitionSpec()))
 
 
 def init_states(config: SimulationConfig, instances: Instance, n_seeds: int) -> SimState:
@@ -679,9 +747,9 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
       # the whole-horizon host buffer, plus a chunk in transit when chunked
       "records_host": lanes * (config.horizon + chunk_size * (chunk_size < config.horizon)) * 36,
       "records_device": lanes * chunk_size * 9 * 4,
-      # R* (under 'vmap' also action-major) and the per-cell tables
-      "truth": n_populations * 4 * n_contexts * n_users * (
-          n_actions * (2 if resolve_batching(config) == "vmap" else 1) + 4),
+      # R*, R* action-major, the R* of the actions the regret pass visits (at
+      # most all of them) and the per-cell tables
+      "truth": n_populations * 4 * n_contexts * n_users * (3 * n_actions + 4),
   }
   if resolve_batching(config) == "vmap":
     # vmapped temporaries per lane: the regret pass's (C, U) planes (queries,
@@ -933,12 +1001,14 @@ def simulate(instances: Instance, config: SimulationConfig,
   done = 0 if resume_from is None else int(resume_from.rounds_done)
   states = (init_states(config, instances, lanes) if resume_from is None else
             _resumed_states(config, instances, resume_from.states, lanes))
+  labels = action_labels(config, instances)  # the same numbers, a shorter regret pass
   if n_local > 1:
     # Inputs laid out as the kernel returns its states, so that every chunk calls
     # the kernel with the same shardings: unplaced first inputs compiled it twice
     # (once for them, once for the sharded states of the second chunk).
     instances, params, keys, states = place_on_devices(n_local, instances, params, keys,
                                                        states)
+    labels = replicate_on_devices(n_local, labels)
   # Records of the whole horizon live in one preallocated host array per field,
   # each chunk copied into its slice: no list of chunks and no concatenation,
   # so the host holds the records once (plus one chunk in transit).
@@ -950,7 +1020,10 @@ def simulate(instances: Instance, config: SimulationConfig,
       # One device: the two-argument call, so callers share the cached kernel.
       kernels[n_rounds] = (make_chunk_kernel(config, n_rounds) if n_local == 1 else
                            make_chunk_kernel(config, n_rounds, n_local))
-    states, chunk = kernels[n_rounds](instances, params, keys, states)
+    # Without labels, the four-argument call: a None fifth argument would trace
+    # the kernel once more for callers that pass four.
+    states, chunk = kernels[n_rounds](instances, params, keys, states,
+                                      *(() if labels is None else (labels,)))
     chunk = jax.device_get(chunk)
     if n_rounds == config.horizon:  # one whole-horizon chunk: its host copy is the history
       history = chunk

@@ -297,6 +297,103 @@ def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(see
   assert np.abs(flipped - want).max() > 1e-3
 
 
+# ---------------------------------------------------------------------------
+# The regret pass over the actions that can be greedy (extreme points)
+# ---------------------------------------------------------------------------
+
+HULL_CONTEXTS, HULL_USERS, HULL_ACTIONS = 5, 4, 40
+
+
+def hull_problem(seed, integer_keys=False):
+  """Keys with interior points, an unsupported action, a repeated key, and
+  context 1's first action at the centre (interior: kept only as the zero
+  query's greedy action). Returns (true_scores, weights, reference, keys)."""
+  rng = np.random.default_rng(seed)
+  shape = (HULL_CONTEXTS, HULL_ACTIONS, N_FACTORS)
+  keys = (rng.integers(-8, 9, size=shape) if integer_keys else rng.normal(size=shape))
+  keys = keys.astype(np.float32)
+  keys[1, 0] = 0.0
+  keys[2, 5] = keys[2, 7]  # a repeated key: a tie between two actions
+  reference = np.ones((HULL_CONTEXTS, HULL_ACTIONS))
+  reference[0, [0, 3]] = 0.0  # context 0 starts with an unsupported action
+  reference /= reference.sum(axis=1, keepdims=True)
+  true_scores = rng.normal(size=(HULL_CONTEXTS, HULL_USERS, HULL_ACTIONS))
+  weights = np.full((HULL_CONTEXTS, HULL_USERS), 1.0 / (HULL_CONTEXTS * HULL_USERS))
+  return (true_scores.astype(np.float32), weights.astype(np.float32),
+          reference.astype(np.float32), keys)
+
+
+def in_hull_of_others(points, index):
+  """Whether ``points[index]`` is a convex combination of the other points (an LP)."""
+  from scipy.optimize import linprog
+
+  others = np.delete(points, index, axis=0)
+  equalities = np.vstack([others.T, np.ones(len(others))])
+  target = np.append(points[index], 1.0)
+  return linprog(np.zeros(len(others)), A_eq=equalities, b_eq=target,
+                 bounds=(0, None), method="highs").status == 0
+
+
+@pytest.mark.parametrize("integer_keys", [False, True])
+def test_extreme_actions_keep_every_vertex_and_drop_only_interior_points(integer_keys):
+  _, _, reference, keys = hull_problem(7, integer_keys)
+  kept = metrics.extreme_actions(keys, reference > 0)
+  n_dropped = 0
+  for c in range(HULL_CONTEXTS):
+    supported = np.flatnonzero(reference[c] > 0)
+    assert np.all(np.diff(kept[c]) > 0) and set(kept[c]) <= set(supported)
+    assert kept[c][0] == supported[0]  # the zero query's greedy action
+    points = keys[c, supported].astype(np.float64)
+    for position, action in enumerate(supported):
+      if action not in kept[c]:
+        n_dropped += 1
+        assert in_hull_of_others(points, position), (c, action)
+      elif not in_hull_of_others(points, position):
+        continue  # a vertex, kept
+  for c in range(HULL_CONTEXTS):
+    supported = np.flatnonzero(reference[c] > 0)
+    points = keys[c, supported].astype(np.float64)
+    vertices = [a for i, a in enumerate(supported) if not in_hull_of_others(points, i)]
+    assert set(vertices) <= set(kept[c]), c
+  assert n_dropped > HULL_CONTEXTS * HULL_ACTIONS // 4  # the point: most are left out
+  # Padded into one table: ascending rows, repeats only of a row's last action.
+  labels = metrics.subset_labels(kept, HULL_ACTIONS)
+  assert labels.shape[1] % 8 == 0 and labels.shape[1] >= max(len(row) for row in kept)
+  for row, table_row in zip(kept, labels):
+    np.testing.assert_array_equal(table_row[:len(row)], row)
+    assert np.all(table_row[len(row):] == row[-1])
+
+
+@pytest.mark.parametrize("action_major", [False, True])
+@pytest.mark.parametrize("integer_keys", [False, True])
+def test_regret_over_extreme_actions_matches_every_action_double_loop(integer_keys,
+                                                                        action_major):
+  """Gaussian and small-integer keys (exact float32 scores, so many exact ties),
+  random queries, one zero query (every score ties) and tiny ones: the pass
+  over the kept actions gives the float64 double loop's first maximiser."""
+  true_scores, weights, reference, keys = hull_problem(11, integer_keys)
+  rng = np.random.default_rng(12)
+  queries = (rng.integers(-1, 2, size=(HULL_CONTEXTS, HULL_USERS, N_FACTORS)) if integer_keys
+             else rng.normal(size=(HULL_CONTEXTS, HULL_USERS, N_FACTORS))).astype(np.float32)
+  queries[1, 0] = 0.0
+  queries[3] *= np.float32(1e-6)
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference), action_major)
+  labels = metrics.subset_labels(metrics.extreme_actions(keys, reference > 0), HULL_ACTIONS)
+  subset = metrics.action_subset(truth, jnp.asarray(keys), labels)
+  got = np.asarray(metrics.factor_cell_regret(truth, jnp.asarray(queries), jnp.asarray(keys),
+                                              subset))
+  want = np.zeros((HULL_CONTEXTS, HULL_USERS))
+  for c in range(HULL_CONTEXTS):
+    support = reference[c] > 0
+    for u in range(HULL_USERS):
+      scores = np.asarray(keys[c], np.float64) @ np.asarray(queries[c, u], np.float64)
+      want[c, u] = true_scores[c, u][support].max() - true_scores[c, u, np_greedy(scores,
+                                                                                   support)]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert labels.shape[1] < HULL_ACTIONS  # the pass left actions out
+
+
 def test_candidates_hold_the_greedy_action_within_their_radius():
   """Any query closer than the radius keeps its argmax among the K candidates; the radius is
   tight: 1% beyond it, along the worst action's direction, that action overtakes."""

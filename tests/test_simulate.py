@@ -417,6 +417,74 @@ def test_padding_with_zero_weight_users_changes_nothing(batch, instance):
                                rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+# Many actions in two dimensions: each context's keys have 6-12 hull vertices of
+# 40, so the regret pass visits 16 actions (metrics.extreme_actions).
+WIDE_SIZES = dict(SIZES, n_actions=40)
+WIDE_CONFIG = dataclasses.replace(CONFIG, record_kl=False)
+
+
+@pytest.fixture(scope="module")
+def wide_instance():
+  reference = np.ones((SIZES["n_contexts"], WIDE_SIZES["n_actions"]))
+  reference[0, :3] = 0.0  # context 0 starts off the support
+  return instance_lib.make_instance(jax.random.key(5), reward_scale=2.0,
+                                    context_weights=CONTEXT_WEIGHTS, user_weights=USER_WEIGHTS,
+                                    reference_policy=reference / reference.sum(1, keepdims=True),
+                                    **WIDE_SIZES)
+
+
+def test_regret_over_extreme_actions_equals_numpy_brute_force(wide_instance):
+  """A frozen random estimate, its regret kept over the actions that can be greedy
+  (the simulator's labels), against every action scored in float64."""
+  config = dataclasses.replace(WIDE_CONFIG, seed_batching="map")
+  labels = S.action_labels(config, wide_instance)
+  assert labels is not None and labels.shape[-1] < WIDE_SIZES["n_actions"]
+  model = learners.make_model_class("known_heads", wide_instance)
+  theta = jax.random.normal(jax.random.key(9), model.param_shape)
+
+  @jax.jit
+  def run(labels):
+    state = S.init_state(config, wide_instance)._replace(params=theta)
+    return S.run_rounds(config, wide_instance, PARAMS, jax.random.key(0), state, HORIZON,
+                        learner=frozen_learner(model, theta), action_labels=labels)[1]
+
+  records = jax.device_get(run(jnp.asarray(labels[0])))
+  d = SIZES["dim"]
+  estimate = np.einsum("uj,cp,jpq,caq->cua", np.asarray(wide_instance.heads, np.float64),
+                       np.asarray(wide_instance.contexts, np.float64),
+                       np.asarray(theta, np.float64).reshape(-1, d, d),
+                       np.asarray(wide_instance.actions, np.float64))
+  truth = np_true_scores(wide_instance)
+  support = np.asarray(wide_instance.reference_policy) > 0
+  weights = (np.asarray(wide_instance.context_weights, np.float64)[:, None] *
+             np.asarray(wide_instance.user_weights, np.float64)[None, :])
+  regret = 0.0
+  for c in range(SIZES["n_contexts"]):
+    for i in range(SIZES["n_users"]):
+      greedy = np.flatnonzero(support[c])[np.argmax(estimate[c, i, support[c]])]
+      regret += weights[c, i] * (truth[c, i, support[c]].max() - truth[c, i, greedy])
+  assert regret > 0.1  # a random estimate is wrong somewhere
+  np.testing.assert_allclose(records.regret, regret, rtol=1e-6)
+
+
+def test_vmapped_kernel_gives_the_same_records_with_and_without_labels(wide_instance):
+  """The labels change no cell's regret: simulate() (which passes them) against the
+  kernel called without them. Every record is the same bit for bit except the
+  population regret, a weighted sum over the cells that XLA may reassociate
+  when the pass before it changes (1e-6)."""
+  result = S.simulate(wide_instance, WIDE_CONFIG, PARAMS, n_seeds=2, master_seed=MASTER_SEED)
+  instances = jax.tree_util.tree_map(lambda x: x[None], wide_instance)
+  states = S.init_states(WIDE_CONFIG, instances, 2)
+  _, records = S.make_chunk_kernel(WIDE_CONFIG, HORIZON)(
+      instances, PARAMS, S.seed_keys(MASTER_SEED, np.arange(2)), states)
+  for name in S.RoundRecord._fields:
+    if name != "regret":
+      np.testing.assert_array_equal(getattr(result.records, name),
+                                    np.asarray(getattr(records, name)), err_msg=name)
+  np.testing.assert_allclose(result.records.regret, np.asarray(records.regret), rtol=1e-6)
+  assert np.all(result.records.regret[..., -1] < result.records.regret[..., 0])  # it learns
+
+
 @pytest.mark.slow  # one more exact-ERM compile (~10 s); the frozen learners cover the cache
 def test_incremental_regret_equals_full_rescoring(batch, instance):
   """The incremental regret cache records the same regret as re-scoring every cell.
