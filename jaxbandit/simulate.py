@@ -596,7 +596,8 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
   by every lane, states (P, S, ...) and the regret pass's actions ``labels``
   (P, C, V) of :func:`action_labels` (None: every action) to ``(states,
   records)`` with records (P, S, n_rounds). ``states`` is donated. The labels
-  change no number, only the time: pass ``action_labels(config, instances)``.
+  change no cell's regret, only the time (the population sum over cells may
+  move in its last bit): pass ``action_labels(config, instances)``.
 
   With ``n_devices > 1`` the seed axis is split over the first ``n_devices``
   local devices with ``jax.shard_map`` (each device runs its seeds; nothing
