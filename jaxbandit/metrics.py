@@ -354,7 +354,7 @@ def greedy_regret(truth: TruthTables, greedy) -> jax.Array:
 # actions are left out of the regret pass; every action that could tie for
 # the maximum stays, and so does each context's first supported action (the
 # greedy one of the zero query, where every score ties). The pass over the
-# rest gives the same greedy actions and the same regret as the pass over
+# rest gives every cell the same greedy action and regret as the pass over
 # every action, bit for bit. For d = 5 Gaussian keys, 100 actions a context
 # have 50-67 extreme points.
 
@@ -373,9 +373,10 @@ def extreme_actions(keys, support, max_factors: int = EXTREME_MAX_FACTORS) -> li
   """Per context, the supported actions some query could make greedy, ascending.
 
   Computed on the host (NumPy and Qhull through ``scipy.spatial``), once per
-  instance: about 2.5 ms a context for 100 actions with r = 5. An action is kept unless its key lies deeper inside the convex
-  hull of the context's supported keys than ``1e-5 max ||k||`` (see the note
-  above); the context's first supported action is always kept. Contexts
+  instance: about 2.5 ms a context for 100 actions with r = 5. An action is
+  kept unless its key lies deeper inside the convex hull of the context's
+  supported keys than ``1e-5 max ||k||`` (see the note above); the context's
+  first supported action is always kept. Contexts
   whose keys have more than ``max_factors`` factors, too few actions or a
   flat hull (Qhull's error) keep every supported action.
 
