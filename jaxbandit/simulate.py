@@ -319,24 +319,29 @@ def _refit_fallback(config: SimulationConfig, learner: learners_lib.Learner, fit
                                          **_erm_blocks(config, learner, n_rows))
 
 
-def _round_functions(config: SimulationConfig, instance: Instance, params: SimulationParams,
-                     key: jax.Array, learner: Optional[learners_lib.Learner] = None,
-                     truth: Optional[metrics.TruthTables] = None,
-                     action_labels: Optional[jax.Array] = None,
-                     subset: Optional[metrics.ActionSubset] = None) -> _RoundFunctions:
-  """The pieces of one round for one seed (see :func:`run_rounds`); ``truth``, if
-  given, is ``instance``'s truth tables, computed once by the caller.
+def _regret_tables(instance: Instance, learner: learners_lib.Learner,
+                   action_labels: Optional[jax.Array] = None):
+  """``(truth, subset)`` of one instance, built once per chunk outside the rounds.
 
-  ``action_labels`` (C, V) (see :func:`action_labels`), or the ``subset`` the
-  caller gathered from them, restrict the regret pass to the actions that can
-  be greedy; the regret is the same."""
-  choice_model, default_learner, policy = _components(config, instance)
-  learner = default_learner if learner is None else learner
-  if truth is None:
-    # Action-major R* wherever every cell is scored through factors: the pass
-    # then carries each cell's value instead of gathering it afterwards.
-    truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
-                                 instance.reference_policy, action_major=True)
+  The truth tables hold R* action-major too, so that the regret pass carries
+  each cell's value instead of gathering it afterwards; ``subset`` gathers the
+  keys and R* of ``action_labels`` (C, V) (:func:`action_labels`), or is None
+  (the pass then visits every action; the regret is the same).
+  """
+  truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
+                               instance.reference_policy, action_major=True)
+  subset = None
+  if action_labels is not None and learner.score_keys is not None:
+    subset = metrics.action_subset(truth, learner.score_keys, action_labels)
+  return truth, subset
+
+
+def _round_functions(config: SimulationConfig, instance: Instance, params: SimulationParams,
+                     key: jax.Array, learner: learners_lib.Learner, tables) -> _RoundFunctions:
+  """The pieces of one round for one seed (see :func:`run_rounds`); ``tables`` is
+  ``instance``'s :func:`_regret_tables`, computed once by the caller."""
+  choice_model, _, policy = _components(config, instance)
+  truth, subset = tables
   log_context = jnp.log(instance.context_weights)
   log_user = jnp.log(instance.user_weights)
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
@@ -345,8 +350,6 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
   phases = learner.carried_phases if refits_in_phases(config, learner) else None
   # A constant of the keys, computed once here rather than in every round.
   key_norms = None if learner.score_keys is None else metrics.key_norms(learner.score_keys)
-  if subset is None and action_labels is not None and learner.score_keys is not None:
-    subset = metrics.action_subset(truth, learner.score_keys, action_labels)
   table = None
   if config.data_layout == "table":
     table = learners_lib.empty_table(instance.n_contexts, instance.n_users, instance.n_actions,
@@ -445,8 +448,13 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
     ``(state, records)`` with records a :class:`RoundRecord` of (n_rounds,) arrays.
   """
   learner = _components(config, instance)[1] if learner is None else learner
-  round_functions = _round_functions(config, instance, params, key, learner,
-                                     action_labels=action_labels)
+  return _scan_rounds(config, instance, params, key, state, n_rounds, learner,
+                      _regret_tables(instance, learner, action_labels))
+
+
+def _scan_rounds(config, instance, params, key, state, n_rounds, learner, tables):
+  """:func:`run_rounds` with the instance's :func:`_regret_tables` given."""
+  round_functions = _round_functions(config, instance, params, key, learner, tables)
 
   def one_round(state: SimState, _):
     pending = round_functions.begin(state)
@@ -486,18 +494,13 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
     n_populations, n_seeds = states.round.shape[:2]
     n_lanes = n_populations * n_seeds
     learner_of = lambda instance: _components(config, instance)[1]
-    # Action-major R* too: the vmapped regret pass carries its values (no gather).
-    truths = jax.vmap(lambda inst: metrics.truth_tables(
-        true_scores(inst), cell_weights(inst), inst.reference_policy, action_major=True))(
-            instances)
-    # The regret pass's actions, gathered once per population (not per lane and round).
-    subsets = None if labels is None else jax.vmap(
-        lambda inst, truth, lab: metrics.action_subset(truth, learner_of(inst).score_keys,
-                                                       lab))(instances, truths, labels)
+    # Once per population (not per lane and round): truth tables and the pass's actions.
+    tables = jax.vmap(lambda inst, lab: _regret_tables(inst, learner_of(inst), lab))(
+        instances, labels)
 
-    def functions(instance, tables, lane_params, key):
-      truth, subset = tables
-      return _round_functions(config, instance, lane_params, key, truth=truth, subset=subset)
+    def functions(instance, lane_tables, lane_params, key):
+      return _round_functions(config, instance, lane_params, key, learner_of(instance),
+                              lane_tables)
 
     over_lanes = lambda fn: jax.vmap(jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0)),
                                      in_axes=(0, 0, 0, None, 0, 0))
@@ -536,10 +539,10 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
           lambda x: x.reshape((n_populations, n_seeds) + x.shape[1:]), fits))
 
     def one_round(states, _):
-      pending = begin(instances, (truths, subsets), params, keys, states, states.round)
+      pending = begin(instances, tables, params, keys, states, states.round)
       if phased:
         pending = fallback_where_needed(pending)
-      return finish(instances, (truths, subsets), params, keys, states, pending)
+      return finish(instances, tables, params, keys, states, pending)
 
     states, records = jax.lax.scan(one_round, states, None, length=n_rounds)
     return states, jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, -1), records)
@@ -608,16 +611,15 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
   same shapes) reuse one compiled kernel instead of recompiling.
   """
 
-  def one_seed(instance, params, key, state, labels):
-    return run_rounds(config, instance, params, key, state, n_rounds, action_labels=labels)
-
   if resolve_batching(config) == "vmap":
     over_populations = _vmapped_rounds(config, n_rounds)
   else:  # "map": one after another, each loop and branch doing only its own work
 
     def over_seeds(instance, params, keys, states, labels):
-      return _map_in_place(lambda i, state: one_seed(instance, params, keys[i], state, labels),
-                           states)
+      learner = _components(config, instance)[1]
+      tables = _regret_tables(instance, learner, labels)  # once per population, not per seed
+      return _map_in_place(lambda i, state: _scan_rounds(
+          config, instance, params, keys[i], state, n_rounds, learner, tables), states)
 
     def over_populations(instances, params, keys, states, labels=None):
       pick = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)
@@ -669,8 +671,6 @@ def action_labels(config: SimulationConfig, instances: Instance) -> Optional[np.
       return None
     keys = np.asarray(learner.score_keys, np.float32)
     support = np.asarray(instance.reference_policy) > 0
-    if keys.shape[-1] > metrics.EXTREME_MAX_FACTORS:
-      return None
     fingerprint = (keys.tobytes(), support.tobytes())
     if fingerprint not in seen:
       seen[fingerprint] = metrics.extreme_actions(keys, support)
@@ -698,8 +698,8 @@ def place_on_devices(n_devices: int, instances, params, keys, states):
   from jax.sharding import NamedSharding, PartitionSpec
 
   mesh = seed_mesh(n_devices)
-  every = NamedSharding(mesh, PartitionSpec())
-  return (jax.device_put(instances, every), jax.device_put(params, every),
+  instances, params = replicate_on_devices(n_devices, (instances, params))
+  return (instances, params,
           jax.device_put(keys, NamedSharding(mesh, PartitionSpec("seeds"))),
           jax.device_put(states, NamedSharding(mesh, PartitionSpec(None, "seeds"))))
 
