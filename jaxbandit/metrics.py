@@ -489,55 +489,36 @@ def _greedy_pass(truth: TruthTables, queries, keys, track_value: bool,
   round at four lanes (U = 100, the benchmark CPU).
   """
   planes = jnp.moveaxis(queries, -1, 0)  # (r, C, U)
-  if subset is not None:
-    return _subset_pass(truth, planes, subset, track_value)
-  key_planes = jnp.moveaxis(keys, -1, 0)  # (r, C, A)
-  n_actions = keys.shape[1]
+  take = lambda array, slot, axis: jax.lax.dynamic_index_in_dim(array, slot, axis, False)
+  if subset is None:  # every action, in index order; unsupported ones score -inf
+    key_planes = jnp.moveaxis(keys, -1, 0)  # (r, C, A)
+    n_slots = keys.shape[1]
+    visit = lambda action: (take(key_planes, action, 2), action,
+                            take(truth.support, action, 1),
+                            take(truth.action_planes, action, 0) if track_value else None)
+  else:  # slot v holds action labels[c, v] of context c, every one supported
+    n_slots = subset.labels.shape[1]
+    visit = lambda slot: (take(subset.key_planes, slot, 2), take(subset.labels, slot, 1)[:, None],
+                          None, take(subset.value_planes, slot, 0) if track_value else None)
 
-  def visit(action, carry):
+  def step(slot, carry):
     best_score, best, value = carry
-    column = jax.lax.dynamic_index_in_dim(key_planes, action, axis=2, keepdims=False)  # (r, C)
+    column, label, supported, plane = visit(slot)  # (r, C), label, (C,) or None, (C, U)
     score = _sum_of_products([planes[j] for j in range(planes.shape[0])],
                              [column[j][:, None] for j in range(planes.shape[0])])
-    supported = jax.lax.dynamic_index_in_dim(truth.support, action, axis=1, keepdims=False)
-    score = jnp.where(supported[:, None], score, -jnp.inf)
+    if supported is not None:
+      score = jnp.where(supported[:, None], score, -jnp.inf)
     better = score > best_score
     if track_value:
-      plane = jax.lax.dynamic_index_in_dim(truth.action_planes, action, axis=0, keepdims=False)
       value = jnp.where(better, plane, value)
-    return jnp.where(better, score, best_score), jnp.where(better, action, best), value
+    return jnp.where(better, score, best_score), jnp.where(better, label, best), value
 
   # Action 0 until one scores above -inf, as the selector's index and its value.
   init = (jnp.full(planes.shape[1:], -jnp.inf, planes.dtype),
           jnp.zeros(planes.shape[1:], jnp.int32),
           truth.action_planes[0] if track_value else jnp.zeros((), planes.dtype))
-  # Unrolled (up to 128 actions a trip) so that consecutive steps fuse.
-  _, greedy, value = jax.lax.fori_loop(0, n_actions, visit, init, unroll=min(n_actions, 128))
-  return greedy, value
-
-
-def _subset_pass(truth: TruthTables, planes, subset: ActionSubset, track_value: bool):
-  """:func:`_greedy_pass` over ``subset``'s actions: slot v holds action
-  ``labels[c, v]`` of context c; every one is supported, so no mask."""
-  n_slots = subset.labels.shape[1]
-
-  def visit(slot, carry):
-    best_score, best, value = carry
-    column = jax.lax.dynamic_index_in_dim(subset.key_planes, slot, axis=2, keepdims=False)
-    score = _sum_of_products([planes[j] for j in range(planes.shape[0])],
-                             [column[j][:, None] for j in range(planes.shape[0])])
-    label = jax.lax.dynamic_index_in_dim(subset.labels, slot, axis=1, keepdims=False)
-    better = score > best_score
-    if track_value:
-      plane = jax.lax.dynamic_index_in_dim(subset.value_planes, slot, axis=0, keepdims=False)
-      value = jnp.where(better, plane, value)
-    return jnp.where(better, score, best_score), jnp.where(better, label[:, None], best), value
-
-  # As the full pass: action 0 and its value until a score beats -inf.
-  init = (jnp.full(planes.shape[1:], -jnp.inf, planes.dtype),
-          jnp.zeros(planes.shape[1:], jnp.int32),
-          truth.action_planes[0] if track_value else jnp.zeros((), planes.dtype))
-  _, greedy, value = jax.lax.fori_loop(0, n_slots, visit, init, unroll=min(n_slots, 128))
+  # Unrolled (up to 128 slots a trip) so that consecutive steps fuse.
+  _, greedy, value = jax.lax.fori_loop(0, n_slots, step, init, unroll=min(n_slots, 128))
   return greedy, value
 
 
