@@ -683,6 +683,21 @@ def action_labels(config: SimulationConfig, instances: Instance) -> Optional[np.
   return np.stack(tables)
 
 
+def one_blas_thread():
+  """A context in which BLAS/LAPACK libraries (SciPy's OpenBLAS among them) use one thread.
+
+  On the CPU, jaxlib runs ``jnp.linalg`` (the refit's Cholesky factors and
+  inverses) through SciPy's OpenBLAS. OpenBLAS keeps a thread per core and its
+  idle threads spin for a while after each call; a kernel that calls it every
+  few rounds keeps them spinning, competing with XLA for the cores. With one
+  thread none spin (the paper-users figure on 2 cores: 46-52 against 68 s).
+  The previous limits return on exit (``threadpoolctl``).
+  """
+  import threadpoolctl
+
+  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def seed_mesh(n_devices: int):
   """The one-axis ``("seeds",)`` mesh of the first ``n_devices`` local devices."""
   from jax.sharding import Mesh
@@ -1015,29 +1030,32 @@ def simulate(instances: Instance, config: SimulationConfig,
   # so the host holds the records once (plus one chunk in transit).
   history = None
   kernels = {}
-  while done < config.horizon:
-    n_rounds = min(chunk_size, config.horizon - done)
-    if n_rounds not in kernels:
-      # One device: the two-argument call, so callers share the cached kernel.
-      kernels[n_rounds] = (make_chunk_kernel(config, n_rounds) if n_local == 1 else
-                           make_chunk_kernel(config, n_rounds, n_local))
-    # Without labels, the four-argument call: a None fifth argument would trace
-    # the kernel once more for callers that pass four.
-    states, chunk = kernels[n_rounds](instances, params, keys, states,
-                                      *(() if labels is None else (labels,)))
-    chunk = jax.device_get(chunk)
-    if n_rounds == config.horizon:  # one whole-horizon chunk: its host copy is the history
-      history = chunk
-    else:
-      if history is None:
-        history = _preallocate_records(chunk, config.horizon, resume_from)
-      for field, values in zip(history, chunk):
-        field[..., done:done + n_rounds] = values
-    del chunk
-    done += n_rounds
-    if callback is not None and callback(
-        Progress(done, config.horizon, states, _first_rounds(history, done))):
-      break
+  # jaxlib's CPU LAPACK calls (the refit's Cholesky factors) run on SciPy's
+  # OpenBLAS, whose idle threads spin between calls: one thread, see one_blas_thread.
+  with one_blas_thread():
+    while done < config.horizon:
+      n_rounds = min(chunk_size, config.horizon - done)
+      if n_rounds not in kernels:
+        # One device: the two-argument call, so callers share the cached kernel.
+        kernels[n_rounds] = (make_chunk_kernel(config, n_rounds) if n_local == 1 else
+                             make_chunk_kernel(config, n_rounds, n_local))
+      # Without labels, the four-argument call: a None fifth argument would trace
+      # the kernel once more for callers that pass four.
+      states, chunk = kernels[n_rounds](instances, params, keys, states,
+                                        *(() if labels is None else (labels,)))
+      chunk = jax.device_get(chunk)
+      if n_rounds == config.horizon:  # one whole-horizon chunk: its host copy is the history
+        history = chunk
+      else:
+        if history is None:
+          history = _preallocate_records(chunk, config.horizon, resume_from)
+        for field, values in zip(history, chunk):
+          field[..., done:done + n_rounds] = values
+      del chunk
+      done += n_rounds
+      if callback is not None and callback(
+          Progress(done, config.horizon, states, _first_rounds(history, done))):
+        break
   if history is None and resume_from is not None:
     history = resume_from.records  # resumed at the horizon: nothing left to run
   records = None if history is None else _first_rounds(history, done)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import threadpoolctl
 from scipy import special
 
 from jaxbandit import instance as instance_lib
@@ -313,6 +314,21 @@ def test_chunked_run_matches_whole_horizon(batch, instance):
                                   err_msg=name)
   np.testing.assert_array_equal(np.asarray(chunked.final_state.params),
                                 np.asarray(batch.final_state.params))
+
+
+def test_kernel_runs_with_one_blas_thread_and_the_limit_is_restored(batch, instance):
+  """SciPy's OpenBLAS (jaxlib's CPU LAPACK) has one thread while the chunks run, so no idle
+  BLAS thread spins beside XLA's; the caller's limits come back afterwards."""
+  blas_threads = lambda: [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                          if lib["user_api"] == "blas"]
+  before = blas_threads()
+  assert before, "jaxlib's CPU LAPACK should have loaded a BLAS library"
+  during = []
+  result = S.simulate(instance, CONFIG, PARAMS, n_seeds=N_SEEDS, master_seed=MASTER_SEED,
+                      chunk_size=CHUNK, callback=lambda progress: during.append(blas_threads()))
+  assert during == [[1] * len(before)] * 2
+  assert blas_threads() == before
+  np.testing.assert_array_equal(result.records.regret, batch.records.regret)
 
 
 def test_stop_and_resume_in_process_matches_whole_horizon(batch, instance):
