@@ -121,7 +121,10 @@ def _wait_for(path, process, timeout=240):
     time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["kill", "sigint"])
+@pytest.mark.parametrize("how", [
+    "kill",
+    pytest.param("sigint", marks=pytest.mark.slow),  # ~19 s; the handler's path, slow set
+])
 def test_resume_after_interruption_is_bit_identical(how, tiny_config_file, reference_run,
                                                     tmp_path):
   ref_out, _ = reference_run

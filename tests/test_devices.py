@@ -62,6 +62,7 @@ def _assert_same_seeds(a, b):
   np.testing.assert_allclose(a["realised"], b["realised"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # ~16 s; two processes (two devices in all) are checked in the default run
 def test_four_local_devices_match_one(tmp_path, one_device):
   four = _load(*_run(tmp_path, "sharded",
                      {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}))

@@ -16,6 +16,7 @@ def small_instance():
                                     latent_dim=2, n_users=1)
 
 
+@pytest.mark.slow  # ~16 s; the table layout is an option, the buffer the default
 def test_table_layout_matches_buffer(small_instance):
   runs = {layout: sim.simulate(small_instance, sim.SimulationConfig(horizon=60,
                                                                     data_layout=layout),

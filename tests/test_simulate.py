@@ -419,6 +419,7 @@ def test_stacked_populations_match_each_population_run_alone(batch, instance):
                                np.asarray(single.final_state.params)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~12 s; stacked populations (padded to the largest) are checked above
 def test_padding_with_zero_weight_users_changes_nothing(batch, instance):
   padded = instance_lib.pad_users(instance, 4)
   assert padded.n_users == 4
@@ -483,6 +484,7 @@ def test_regret_over_extreme_actions_equals_numpy_brute_force(wide_instance):
   np.testing.assert_allclose(records.regret, regret, rtol=1e-6)
 
 
+@pytest.mark.slow  # ~26 s on 2 cores; the map path's labels are checked against NumPy above
 def test_vmapped_kernel_gives_the_same_records_with_and_without_labels(wide_instance):
   """The labels change no cell's regret: simulate() (which passes them) against the
   kernel called without them. Every record is the same bit for bit except the
