@@ -414,19 +414,24 @@ def extreme_actions(keys, support, max_factors: int = EXTREME_MAX_FACTORS) -> li
   return kept
 
 
-def subset_labels(kept: list, n_actions: int, width: Optional[int] = None,
-                  multiple: int = 8) -> Optional[np.ndarray]:
+def label_width(kept: list, multiple: int = 8) -> int:
+  """The longest row of ``kept`` (lists of actions) rounded up to a ``multiple``:
+  the table width of :func:`subset_labels` (fewer distinct kernel shapes)."""
+  return -(-max(len(row) for row in kept) // multiple) * multiple
+
+
+def subset_labels(kept: list, n_actions: int, width: Optional[int] = None) -> Optional[np.ndarray]:
   """The kept actions of :func:`extreme_actions` as one (C, V) int32 table, or None.
 
   Each row holds a context's kept actions in ascending order, padded by
   repeating its last one (a repeat never beats an earlier equal score, so the
-  pass's first maximiser is unchanged). ``V`` is ``width`` if given, else the
-  longest row rounded up to a ``multiple`` (fewer distinct kernel shapes).
-  None when ``V`` would reach ``n_actions``: nothing to save.
+  pass's first maximiser is unchanged). ``V`` is ``width`` if given (shared by
+  several populations), else :func:`label_width` of ``kept``. None when ``V``
+  would reach ``n_actions``: nothing to save.
   """
   longest = max(len(row) for row in kept)
   if width is None:
-    width = -(-longest // multiple) * multiple
+    width = label_width(kept)
   if width < longest:
     raise ValueError(f"width={width} is shorter than the longest kept row ({longest})")
   if width >= n_actions:

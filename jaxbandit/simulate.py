@@ -662,10 +662,11 @@ def action_labels(config: SimulationConfig, instances: Instance) -> Optional[np.
   stacked = instances.contexts.ndim == 3
   n_populations = instances.contexts.shape[0] if stacked else 1
   n_actions = instances.actions.shape[-2]
+  on_host = jax.tree_util.tree_map(np.asarray, instances)  # one copy, not one per population
   kept, seen = [], {}
   for population in range(n_populations):
-    instance = (jax.tree_util.tree_map(lambda x: np.asarray(x)[population], instances)
-                if stacked else instances)
+    instance = (jax.tree_util.tree_map(lambda x: x[population], on_host)
+                if stacked else on_host)
     learner = _components(config, instance)[1]
     if learner.score_keys is None or learner.score_queries is None:
       return None
@@ -675,8 +676,7 @@ def action_labels(config: SimulationConfig, instances: Instance) -> Optional[np.
     if fingerprint not in seen:
       seen[fingerprint] = metrics.extreme_actions(keys, support)
     kept.append(seen[fingerprint])
-  longest = max(len(row) for rows in kept for row in rows)
-  width = -(-longest // 8) * 8
+  width = metrics.label_width([row for rows in kept for row in rows])
   tables = [metrics.subset_labels(rows, n_actions, width) for rows in kept]
   if any(table is None for table in tables):
     return None
