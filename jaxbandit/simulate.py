@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 
 from jaxbandit import choice as choice_lib
 from jaxbandit import learners as learners_lib
@@ -690,11 +691,9 @@ def one_blas_thread():
   inverses) through SciPy's OpenBLAS. OpenBLAS keeps a thread per core and its
   idle threads spin for a while after each call; a kernel that calls it every
   few rounds keeps them spinning, competing with XLA for the cores. With one
-  thread none spin (the paper-users figure on 2 cores: 46-52 against 68 s).
+  thread none spin (the paper-users figure on 2 cores: 46-53 against 68-72 s).
   The previous limits return on exit (``threadpoolctl``).
   """
-  import threadpoolctl
-
   return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
