@@ -16,13 +16,17 @@ algorithm (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011: Threefry-2x32, 20 rounds). It computes the same function, so every
 draw is the same bit for bit (the tests check the Random123 known-answer
 vectors; the simulator's records were compared field by field with runs
-without it); only the program XLA runs changes. The registration is process-wide and idempotent;
-importing :mod:`jaxbandit.simulate` makes it.
+without it); only the program XLA runs changes. The registration is
+process-wide (every CPU program compiled afterwards, the caller's too, gets
+the unrolled hash) and idempotent; importing :mod:`jaxbandit.simulate` makes
+it. Other backends keep JAX's lowering.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
@@ -31,8 +35,6 @@ _registered = False
 
 
 def _rotate_left(x, distance: int):
-  from jax import lax
-
   return lax.shift_left(x, np.uint32(distance)) | lax.shift_right_logical(
       x, np.uint32(32 - distance))
 
@@ -42,8 +44,6 @@ def threefry2x32_unrolled(key1, key2, count1, count2):
 
   All four are uint32 arrays of broadcastable shapes; returns the two output words.
   """
-  import jax.numpy as jnp
-
   key1, key2, count1, count2 = jnp.broadcast_arrays(key1, key2, count1, count2)
   keys = (key1, key2, key1 ^ key2 ^ _PARITY)
   x0, x1 = count1 + keys[0], count2 + keys[1]
@@ -70,8 +70,8 @@ def unroll_threefry_on_cpu() -> bool:
     from jax.interpreters import mlir
   except ImportError:  # pragma: no cover - older JAX: keep its lowering
     return False
-  rule = mlir.lower_fun(lambda k1, k2, x1, x2: threefry2x32_unrolled(k1, k2, x1, x2),
-                        multiple_results=True)
-  mlir.register_lowering(threefry2x32_p, rule, platform="cpu")
+  mlir.register_lowering(threefry2x32_p,
+                         mlir.lower_fun(threefry2x32_unrolled, multiple_results=True),
+                         platform="cpu")
   _registered = True
   return True

@@ -45,6 +45,7 @@ from jaxbandit.precision import full_precision
 # bits in fewer XLA:CPU operations a round (see jaxbandit/lowering.py).
 lowering.unroll_threefry_on_cpu()
 
+
 @dataclasses.dataclass(frozen=True)
 class SimulationConfig:
   """Static choices of a simulation (changing one recompiles).
