@@ -31,8 +31,6 @@ from jax import lax
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
 
-_registered = False
-
 
 def _rotate_left(x, distance: int):
   return lax.shift_left(x, np.uint32(distance)) | lax.shift_right_logical(
@@ -57,14 +55,12 @@ def threefry2x32_unrolled(key1, key2, count1, count2):
 
 
 def unroll_threefry_on_cpu() -> bool:
-  """Registers the unrolled Threefry lowering for the CPU (once per process).
+  """Registers the unrolled Threefry lowering for the CPU (registering again
+  replaces it with the same rule).
 
   Returns whether it is registered; False (and the JAX default stays) where
   this JAX lacks ``jax.extend.random.threefry2x32_p``.
   """
-  global _registered
-  if _registered:
-    return True
   try:
     from jax.extend.random import threefry2x32_p
     from jax.interpreters import mlir
@@ -73,5 +69,4 @@ def unroll_threefry_on_cpu() -> bool:
   mlir.register_lowering(threefry2x32_p,
                          mlir.lower_fun(threefry2x32_unrolled, multiple_results=True),
                          platform="cpu")
-  _registered = True
   return True
