@@ -78,3 +78,35 @@ def test_repeatability_rows_count_last_bit_differences():
       first.astype(np.float64), axis=1)[:, -1]
   assert row["max_cumulative_diff"] == pytest.approx(np.max(np.abs(cumulative)), rel=1e-12)
   assert row["mean_cumulative"] == pytest.approx(other.astype(np.float64).sum(axis=1).mean())
+
+
+def test_attribution_runs_a_piece_twice_and_returns_its_first_result():
+  # The attribution instrument's premise: the duplicated piece (a) survives
+  # XLA's simplifier, so the second copy really runs, and (b) leaves the
+  # values unchanged, so the kernel's trajectory does not move.
+  import jax
+  import jax.numpy as jnp
+
+  attribution = load_benchmark_module("attribution.py")
+
+  def piece(x, scale):
+    return {"value": jnp.sin(x) * scale, "positive": x > 0,
+            "count": jnp.sum(x > 0).astype(jnp.int32)}
+
+  x = jnp.asarray(np.linspace(-3.0, 3.0, 11, dtype=np.float32))
+
+  def twice(x, scale, flag):
+    with attribution.runtime_false(flag):
+      return attribution.run_twice(piece, 0)(x, scale)
+
+  args = (x, jnp.float32(2.0), jnp.zeros((), bool))
+  out = jax.jit(twice)(*args)
+  np.testing.assert_array_equal(np.asarray(out["value"]), np.asarray(jax.jit(piece)(*args[:2])["value"]))
+  np.testing.assert_allclose(np.asarray(out["value"]), 2.0 * np.sin(np.asarray(x)), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["positive"]), np.asarray(x) > 0)
+  assert int(out["count"]) == int(np.sum(np.asarray(x) > 0))
+  once = jax.jit(piece).lower(*args[:2]).compile().as_text()
+  both = jax.jit(twice).lower(*args).compile().as_text()
+  assert once.count(" sine(") == 1
+  assert both.count(" sine(") == 2

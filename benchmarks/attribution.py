@@ -1,0 +1,277 @@
+"""Where a round's time goes, measured inside the compiled kernel.
+
+Usage::
+
+    python benchmarks/attribution.py                       # t = 500, 2000, 4000; ~6 min
+    python benchmarks/attribution.py --rounds-at 2000 --repeats 20 --out results/bench
+
+    # one core, one XLA thread (as each host device of a two-core run):
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        taskset -c 1 python benchmarks/attribution.py
+
+A profiler's per-operation cost inflates small XLA:CPU operations (RESULTS.md,
+thirteenth session), and pieces timed alone have repeatedly run faster than
+they do inside the kernel. This script instead compiles **variants of the
+whole kernel** in one process and times them against it, alternating:
+
+* ``regret pass removed``: the population regret replaced by zeros. The
+  regret is only recorded, never fed back, so every other record field stays
+  bit-identical. The difference is the pass's cost, plus what XLA then drops
+  with it: the regret's score queries and the truth tables the kernel builds
+  once per call (about 10-12 ms at paper size, 0.02 ms a round over a
+  500-round window), and whatever the pass costs other operations around it.
+* ``<piece> twice``: the piece's function computed a second time, with one
+  small argument moved by ``where(flag, arg + 1, arg)`` and the result taken
+  as ``where(flag, second, first)``, for a kernel input ``flag`` that is
+  always False (:func:`run_twice`). XLA can neither merge the two copies
+  nor drop the second, and the values are the first copy's bit for bit, so
+  the trajectory is unchanged (checked: every record field compared with the
+  base kernel's); the difference is the piece's cost where it runs. The
+  final select is one more pass over the piece's output, which for the
+  carried inverse Hessian (p x p) is not free. A second copy can be cheaper
+  than the first (its inputs already in cache), so for the regret pass the
+  two variants bracket its cost.
+
+Each variant is one ``run_rounds`` scan of ``--window`` rounds for one seed
+of the paper-users instance at U = 100 (benchmark ``Case`` defaults, horizon
+5,000), compiled before any timing (``jit(...).lower(...).compile()`` with
+the piece patched in, then restored). The seed is advanced with the base
+kernel to each round ``t`` of ``--rounds-at``; then every variant runs the
+same window from the same state, in turn, ``--repeats`` times. The table
+gives the minimum and median ms a round, the median's difference from the
+base kernel's, that difference as a share of the base median, and whether
+the records matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402  (benchmarks/run.py: cases, table writing)
+
+
+# ---------------------------------------------------------------------------
+# Running a piece twice without changing what it returns
+# ---------------------------------------------------------------------------
+
+# While a variant traces, the kernel's extra input: a runtime boolean that is
+# always False. XLA cannot fold it, so it can neither merge the two copies of a
+# piece (common-subexpression elimination; an optimization barrier does not
+# stop that on the CPU) nor drop the second as dead code.
+_RUNTIME_FALSE = []
+
+
+@contextlib.contextmanager
+def runtime_false(flag):
+  """Makes ``flag`` (a traced boolean, False when run) the one :func:`run_twice` uses."""
+  _RUNTIME_FALSE.append(flag)
+  try:
+    yield
+  finally:
+    _RUNTIME_FALSE.pop()
+
+
+def run_twice(fn, argnum: int):
+  """``fn`` computed twice, returning the first result bit for bit.
+
+  The second copy's argument ``argnum`` is ``where(flag, arg + 1, arg)`` and
+  the result is ``where(flag, second, first)``, leafwise, for a ``flag`` that
+  is the runtime false of :func:`runtime_false` and a test on the first
+  copy's result: equal to ``arg`` and to ``first`` when run, but XLA can
+  prove neither, so both copies are computed, one after the other.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  def twice(*args, **kwargs):
+    first = fn(*args, **kwargs)
+    # The flag also depends on the first copy's result, so the second copy
+    # runs after it and XLA cannot fuse the two into one loop over shared inputs.
+    leaf = jax.tree_util.tree_leaves(first)[0]
+    flag = _RUNTIME_FALSE[-1] & (jnp.sum(leaf.astype(jnp.float32)) == jnp.inf)
+    moved = list(args)
+    moved[argnum] = jax.tree_util.tree_map(lambda a: jnp.where(flag, a + 1, a), args[argnum])
+    second = fn(*moved, **kwargs)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, b, a), first, second)
+
+  return twice
+
+
+def zero_regret(truth, queries, keys, subset=None):
+  """A stand-in for ``metrics.factor_cell_regret``: every cell's regret 0."""
+  import jax.numpy as jnp
+
+  return jnp.zeros(truth.weights.shape, queries.dtype)
+
+
+@contextlib.contextmanager
+def patched(module, name, value):
+  saved = getattr(module, name)
+  setattr(module, name, value)
+  try:
+    yield
+  finally:
+    setattr(module, name, saved)
+
+
+def variants():
+  """``(label, module, attribute, make, regret_may_differ)`` rows: the kernel
+  with ``module.attribute`` replaced by ``make(original)`` (``module`` None:
+  the kernel as it is), and whether its regret fields may differ from the
+  base kernel's (every other field must not)."""
+  from jaxbandit import learners, metrics
+
+  twice = lambda argnum: (lambda fn: run_twice(fn, argnum))
+  return [
+      ("base", None, None, None, False),
+      ("base, again (noise)", None, None, None, False),
+      ("regret pass removed", metrics, "factor_cell_regret", lambda f: zero_regret, True),
+      ("regret pass twice", metrics, "factor_cell_regret", twice(1), False),
+      ("ERM gradient passes twice", learners, "_cell_table_user_gradient", twice(2), False),
+      ("score queries twice (regret + gradients)", learners, "score_queries", twice(1),
+       False),
+      ("Woodbury update twice", learners, "add_observation", twice(3), False),
+      ("BFGS updates twice", learners, "_secant_update", twice(2), False),
+      ("preconditioning twice", learners, "_precondition", twice(2), False),
+  ]
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+
+
+def _records_match(base, other, regret_may_differ: bool) -> bool:
+  fields = base._fields
+  skip = {"regret", "realised_regret", "kl_regret"} if regret_may_differ else set()
+  return all(np.array_equal(np.asarray(getattr(base, f)), np.asarray(getattr(other, f)))
+             for f in fields if f not in skip)
+
+
+def measure(rounds_at, repeats: int, window: int):
+  import jax
+
+  from jaxbandit import simulate
+
+  case = bench.Case("attribution", n_seeds=1, horizon=max(5000, max(rounds_at) + window))
+  instance, _ = bench.build_instance(case)
+  config, preset = bench.simulation_config(case)
+  labels = simulate.action_labels(config, instance)
+  labels = None if labels is None else jax.numpy.asarray(labels[0])
+  params = simulate.SimulationParams.make(beta=preset.beta, ridge=preset.ridge,
+                                          mixture_weight=preset.mixture_weight)
+  key = simulate.seed_keys(0, np.arange(1))[0]
+  state = simulate.init_state(config, instance)
+  inputs = (instance, labels, params, key)
+  false = jax.numpy.zeros((), bool)
+
+  def kernel():  # a new function object each time: jit caches traces by function
+    def window_of_rounds(instance, labels, params, key, state, flag):
+      with runtime_false(flag):
+        return simulate.run_rounds(config, instance, params, key, state, window,
+                                   action_labels=labels)
+    return jax.jit(window_of_rounds)
+
+  compiled, compile_s = [], []
+  for label, module, attribute, make, regret_may_differ in variants():
+    started = time.perf_counter()
+    if module is None:
+      executable = kernel().lower(*inputs, state, false).compile()
+    else:
+      with patched(module, attribute, make(getattr(module, attribute))):
+        executable = kernel().lower(*inputs, state, false).compile()
+    compiled.append((label, executable, regret_may_differ))
+    compile_s.append(time.perf_counter() - started)
+    print(f"compiled {label} in {compile_s[-1]:.1f} s", flush=True)
+
+  rows, done = [], 0
+  base_kernel = compiled[0][1]
+  for t in sorted(rounds_at):
+    while done + window <= t:
+      state, _ = base_kernel(*inputs, state, false)
+      done += window
+    jax.block_until_ready(state)
+    times = {label: [] for label, _, _ in compiled}
+    matched = {}
+    base_records = None
+    load_before = bench.load1()
+    for _ in range(repeats):
+      for label, executable, regret_may_differ in compiled:
+        started = time.perf_counter()
+        _, records = jax.block_until_ready(executable(*inputs, state, false))
+        times[label].append((time.perf_counter() - started) / window * 1e3)
+        if base_records is None:
+          base_records = records
+        if label not in matched:
+          matched[label] = _records_match(base_records, records, regret_may_differ)
+    base = float(np.median(times[compiled[0][0]]))
+    steps = float(np.mean(np.asarray(base_records.erm_iterations)))
+    for (label, _, regret_may_differ), seconds in zip(compiled, compile_s):
+      median = float(np.median(times[label]))
+      rows.append({
+          "t": done, "window": window, "variant": label,
+          "ms_min": float(np.min(times[label])), "ms_median": median,
+          "delta_ms": median - base, "share_pct": 100.0 * (median - base) / base,
+          "records": ("same" if matched[label] else "DIFFER") +
+                     (" (but the regret)" if regret_may_differ else ""),
+          "erm_steps": steps, "compile_s": seconds,
+          "load1": f"{load_before:.1f}-{bench.load1():.1f}",
+      })
+    print(bench.format_table([r for r in rows if r["t"] == done], COLUMNS), flush=True)
+  return rows
+
+
+COLUMNS = [  # (title, key), as benchmarks/run.py's tables
+    ("t", "t"), ("variant", "variant"), ("ms/round min", "ms_min"),
+    ("median", "ms_median"), ("median - base", "delta_ms"), ("% of base", "share_pct"),
+    ("records", "records"), ("ERM steps", "erm_steps"), ("load1", "load1"),
+]
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--rounds-at", default="500,2000,4000",
+                 help="comma-separated rounds t at which the window starts")
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--window", type=int, default=500, help="rounds a timed call runs")
+  p.add_argument("--out", default="results/bench")
+  args = p.parse_args(argv)
+  args.rounds_at = [int(v) for v in args.rounds_at.split(",")]
+  for t in args.rounds_at:
+    if t < 0 or t % args.window:
+      raise SystemExit(f"--rounds-at: {t} is not a non-negative multiple of "
+                       f"--window={args.window}")
+  if args.repeats < 1:
+    raise SystemExit(f"--repeats: {args.repeats}; allowed: at least 1")
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  from jaxbandit.simulate import one_blas_thread
+
+  started = time.time()
+  with one_blas_thread():
+    rows = measure(args.rounds_at, args.repeats, args.window)
+  print()
+  print(bench.format_table(rows, COLUMNS))
+  os.makedirs(args.out, exist_ok=True)
+  bench.write_outputs(args.out, "attribution", rows,
+                      dict(machine=bench.machine_info(), seconds=time.time() - started,
+                           source=bench.source_fingerprint(), argv=sys.argv[1:]),
+                      COLUMNS)
+  print(f"\nwrote {args.out}/attribution.csv and attribution.json "
+        f"({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+  main()
