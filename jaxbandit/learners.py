@@ -28,7 +28,9 @@ so its cost is linear in the data and independent of ``m``. For outer-product
 features ``f(x, a) = x (outer) a`` the blocked gradient goes one step further:
 each row adds a d-vector to its (context, user) cell of a table, and the
 per-user statistics come from that table by one matrix product
-(:func:`_cell_table_user_gradient`).
+(:func:`_cell_table_user_gradient`). The table's fixed cost per call only pays
+once there are enough rows: ``make_learner(cell_table_from=...)`` keeps the
+per-user sums below that many rows (the simulator's ``map`` path does).
 
 Exact ERM minimises ``sum_n -log P(outcome_n) + ridge/2 ||Theta||_F^2`` by
 Newton's method (Armijo backtracking while the Newton decrement is above
@@ -458,11 +460,19 @@ class _SolverState(NamedTuple):
   stalled: jax.Array
 
 
-def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, dtype):
+def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, dtype,
+                         cell_table_from=None):
   """``(objective, gradient, gradient_hessian)`` of the penalised loss over ``data``.
 
   With ``block_size`` the sums visit only the first ``n_rows`` rows, a block
   at a time (see :func:`_over_blocks`); otherwise the whole buffer at once.
+  Where the buffer is large enough for the cell table (:func:`_uses_cell_table`),
+  ``cell_table_from`` (rows, static, or None) keeps the per-user path while
+  ``n_rows`` is below it: the table's fixed cost per call (every cell's
+  query, the table cleared and multiplied by the contexts) outweighs its
+  saving per row until there are about that many rows. The choice is a
+  ``lax.cond`` on ``n_rows``, so it is only worth making where ``n_rows`` is
+  not batched (under ``vmap`` both branches would run).
   """
   if block_size is None:
     objective = lambda p: _objective(model, choice_model, p, data, ridge)
@@ -479,13 +489,20 @@ def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, d
                        lambda rows: negative_log_likelihood(model, choice_model, p, rows), zero)
     return nll + 0.5 * ridge * jnp.sum(p**2)
 
+  def per_user(p):
+    return _over_blocks(data, block_size, n_rows,
+                        lambda rows: _per_user_gradient(model, choice_model, p, rows), zero_grad)
+
+  def cell_table(p):
+    return _cell_table_user_gradient(model, choice_model, p, data, block_size, n_rows)
+
   def gradient(p):
-    if _uses_cell_table(model, data, block_size):
-      user_grad = _cell_table_user_gradient(model, choice_model, p, data, block_size, n_rows)
+    if not _uses_cell_table(model, data, block_size):
+      user_grad = per_user(p)
+    elif cell_table_from is None:
+      user_grad = cell_table(p)
     else:
-      user_grad = _over_blocks(data, block_size, n_rows,
-                               lambda rows: _per_user_gradient(model, choice_model, p, rows),
-                               zero_grad)
+      user_grad = jax.lax.cond(n_rows < cell_table_from, per_user, cell_table, p)
     return _assemble(model, p, ridge, user_grad)
 
   def gradient_hessian(p):
@@ -581,7 +598,8 @@ def _setup(params_init, data, ridge, tol):
 def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
             data: ChoiceData, ridge, *, tol: float = 1e-12, max_iterations: int = 30,
             max_chord_steps: int = 6, max_backtracks: int = 20,
-            block_size: Optional[int] = None, n_rows=None) -> ERMResult:
+            block_size: Optional[int] = None, n_rows=None,
+            cell_table_from: Optional[int] = None) -> ERMResult:
   """Exact ERM: the minimiser of the penalised negative log-likelihood of all data.
 
   Each outer iteration evaluates the Hessian at the current iterate, takes a
@@ -610,13 +628,16 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
       must be a multiple of ``block_size``.
     n_rows: () traced count of leading rows that may hold data (with
       ``block_size``); rows beyond it are never read.
+    cell_table_from: with ``block_size``, the rows from which an
+      outer-product class's gradient goes through the cell table (static;
+      None: whenever the buffer is large enough; see :func:`_objective_functions`).
 
   Returns:
     An :class:`ERMResult`; never raises inside ``jit``.
   """
   ridge, damping, threshold = _setup(params_init, data, ridge, tol)
   functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
-                                   params_init.dtype)
+                                   params_init.dtype, cell_table_from)
   state = _newton(model, functions, params_init, functions[1](params_init), jnp.inf,
                   threshold, damping, max_iterations=max_iterations,
                   max_chord_steps=max_chord_steps, max_backtracks=max_backtracks)
@@ -794,7 +815,7 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
                     carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
                     tol: float = 1e-12, max_iterations: int = 30, max_chord_steps: int = 8,
                     max_backtracks: int = 20, block_size: Optional[int] = None,
-                    n_rows=None):
+                    n_rows=None, cell_table_from: Optional[int] = None):
   """Exact ERM warm-started at ``params_init``, preconditioned by a carried inverse Hessian.
 
   The same minimiser and the same stopping rule as :func:`fit_erm`
@@ -835,7 +856,7 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
   Returns:
     ``(ERMResult, HessianCarry)``; never raises inside ``jit``.
   """
-  blocks = dict(block_size=block_size, n_rows=n_rows)
+  blocks = dict(block_size=block_size, n_rows=n_rows, cell_table_from=cell_table_from)
   fit = carried_quasi_newton(model, choice_model, params_init, carry, data, new_observation,
                              ridge, tol=tol, max_chord_steps=max_chord_steps, **blocks)
   fit = carried_fallback(model, choice_model, fit, data, ridge, max_iterations=max_iterations,
@@ -848,11 +869,12 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
 def carried_quasi_newton(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array,
                          carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
                          tol: float = 1e-12, max_chord_steps: int = 8,
-                         block_size: Optional[int] = None, n_rows=None) -> CarriedFit:
+                         block_size: Optional[int] = None, n_rows=None,
+                         cell_table_from: Optional[int] = None) -> CarriedFit:
   """Steps 1-2 of :func:`fit_erm_carried`: the Woodbury update and the quasi-Newton steps."""
   ridge, _, threshold = _setup(params_init, data, ridge, tol)
   _, gradient, _ = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
-                                        params_init.dtype)
+                                        params_init.dtype, cell_table_from)
   inverse = jnp.where(carry.valid,
                       add_observation(model, choice_model, carry.inverse, params_init,
                                       *new_observation), carry.inverse)
@@ -900,13 +922,14 @@ def carried_quasi_newton(model: ModelClass, choice_model: ChoiceModel, params_in
 def carried_fallback(model: ModelClass, choice_model: ChoiceModel, fit: CarriedFit,
                      data: ChoiceData, ridge, *, max_iterations: int = 30,
                      max_chord_steps: int = 8, max_backtracks: int = 20,
-                     block_size: Optional[int] = None, n_rows=None) -> CarriedFit:
+                     block_size: Optional[int] = None, n_rows=None,
+                     cell_table_from: Optional[int] = None) -> CarriedFit:
   """Steps 3-4 of :func:`fit_erm_carried`: where ``fit.needs_newton``, damped Newton
   from the quasi-Newton iterate, then a fresh inverse at the solution; elsewhere
   ``fit`` unchanged (both loops make no trip)."""
   ridge, damping, _ = _setup(fit.params, data, ridge, 1.0)
   functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
-                                   fit.params.dtype)
+                                   fit.params.dtype, cell_table_from)
   _, _, gradient_hessian = functions
   state = _newton(model, functions, fit.params, fit.grad,
                   jnp.where(fit.needs_newton, jnp.inf, fit.decrement), fit.threshold, damping,
@@ -1015,8 +1038,13 @@ def score_keys(model: ModelClass) -> jax.Array:
 
 
 def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1e-12,
-                 max_iterations: int = 30) -> Learner:
-  """Greedy exact-ERM learner over a convex :class:`ModelClass`."""
+                 max_iterations: int = 30, cell_table_from: Optional[int] = None) -> Learner:
+  """Greedy exact-ERM learner over a convex :class:`ModelClass`.
+
+  ``cell_table_from`` (rows, or None) is passed to every blocked refit (see
+  :func:`_objective_functions`); give it only where the row count is not
+  batched.
+  """
   V.positive_float("tol", tol)
   V.positive_int("max_iterations", max_iterations)
   shape = model.param_shape
@@ -1026,21 +1054,23 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
 
   def fit(params, data, ridge, block_size=None, n_rows=None):
     return fit_erm(model, choice_model, params, data, ridge, tol=tol,
-                   max_iterations=max_iterations, block_size=block_size, n_rows=n_rows)
+                   max_iterations=max_iterations, block_size=block_size, n_rows=n_rows,
+                   cell_table_from=cell_table_from)
 
   def fit_carried(params, carry, data, new_observation, ridge, block_size=None, n_rows=None):
     return fit_erm_carried(model, choice_model, params, carry, data, new_observation, ridge,
                            tol=tol, max_iterations=max_iterations, block_size=block_size,
-                           n_rows=n_rows)
+                           n_rows=n_rows, cell_table_from=cell_table_from)
 
   def start(params, carry, data, new_observation, ridge, block_size=None, n_rows=None):
     return carried_quasi_newton(model, choice_model, params, carry, data, new_observation,
-                                ridge, tol=tol, block_size=block_size, n_rows=n_rows)
+                                ridge, tol=tol, block_size=block_size, n_rows=n_rows,
+                                cell_table_from=cell_table_from)
 
   def fallback(fit, data, ridge, block_size=None, n_rows=None):
     return carried_fallback(model, choice_model, fit, data, ridge,
                             max_iterations=max_iterations, block_size=block_size,
-                            n_rows=n_rows)
+                            n_rows=n_rows, cell_table_from=cell_table_from)
 
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),

@@ -445,11 +445,15 @@ CELL_TABLE_PAIRS = [("known_heads", "bradley_terry"), ("per_user_bilinear", "pla
                     ("pooled", "multinomial_logit")]
 
 
+@pytest.mark.parametrize("cell_table_from", [None, 100, 200])
 @pytest.mark.parametrize("model_name,choice_name", CELL_TABLE_PAIRS)
-def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, inst, rng):
+def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, cell_table_from,
+                                                   inst, rng):
   # The blocked gradient of outer-product classes sums each row's d-vector
   # into a (context, user) table; it must equal the design-matrix gradient of
-  # the rows below n_rows whose mask is set, and ignore every other row.
+  # the rows below n_rows whose mask is set, and ignore every other row. With
+  # cell_table_from above n_rows (200) the per-user branch of the lax.cond
+  # runs instead, at or below it (100) the table: the same gradient either way.
   model = L.make_model_class(model_name, inst)
   top_m, slate_size = CHOICES[choice_name]
   choice_model = C.get_choice_model(choice_name, top_m)
@@ -469,7 +473,7 @@ def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, inst
   assert L._uses_cell_table(model, buffer, block)
   theta = rng.normal(size=model.param_shape)
   _, gradient, _ = L._objective_functions(model, choice_model, buffer, 0.7, block,
-                                          jnp.asarray(n_rows), jnp.float32)
+                                          jnp.asarray(n_rows), jnp.float32, cell_table_from)
   got = np.asarray(jax.jit(gradient)(jnp.asarray(theta, jnp.float32)))
   live = np.zeros(capacity)
   live[:n_rows] = garbage[4][:n_rows]
