@@ -1047,6 +1047,8 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
   """
   V.positive_float("tol", tol)
   V.positive_int("max_iterations", max_iterations)
+  if cell_table_from is not None:
+    V.positive_int("cell_table_from", cell_table_from)
   shape = model.param_shape
 
   def init():

@@ -552,6 +552,8 @@ def test_make_learner_bundle(inst):
     L.make_learner(model, C.multinomial_logit(), tol=0.0)
   with pytest.raises(ValueError, match=r"\bmax_iterations\b"):
     L.make_learner(model, C.multinomial_logit(), max_iterations=0)
+  with pytest.raises(ValueError, match=r"\bcell_table_from=0\b"):
+    L.make_learner(model, C.multinomial_logit(), cell_table_from=0)
 
 
 # ---------------------------------------------------------------------------
