@@ -228,8 +228,8 @@ def seed_keys(master_seed, seed_ids) -> jax.Array:
 
 # Below this many rows the blocked refit of an outer-product class sums its
 # gradient per user rather than through the cell table: measured inside the
-# kernel (benchmarks/attribution.py harness, one core, U = 100), 10-28% less
-# time a round at t = 500-1,000 and no difference from about 1,500.
+# kernel (benchmarks/attribution.py harness, one core, U = 100), medians 16-25%
+# lower over rounds 0-1,000 (benchmarks/RESULTS.md, fourteenth session).
 CELL_TABLE_FROM_ROWS = 1024
 
 
