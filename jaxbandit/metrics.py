@@ -546,6 +546,112 @@ def factor_cell_regret(truth: TruthTables, queries, keys,
   return greedy_regret(truth, _greedy_pass(truth, queries, keys, False, subset)[0])
 
 
+class CertifiedTables(NamedTuple):
+  """Constants of the certified regret pass for one instance (:func:`certified_tables`).
+
+  Attributes:
+    subset: the :class:`ActionSubset` the pass visits, with its true scores.
+    first_value: (C, U) R* of action 0 (the pass's value before any score).
+    key_norm: (C,) ``max_a ||k_ca||`` over every action (the rounding allowance).
+    inverse_gap: (C, V, V) ``1 / (||k_v - k_w|| (1 + 1e-6))`` between the slots'
+      keys, 0 where they are equal.
+  """
+
+  subset: ActionSubset
+  first_value: jax.Array
+  key_norm: jax.Array
+  inverse_gap: jax.Array
+
+
+def supported_labels(support) -> jax.Array:
+  """(C, V) int32: each context's supported actions ascending, padded to a multiple
+  of 8 by repeating the last (the certified pass's labels when no hull was computed)."""
+  n_contexts, n_actions = support.shape
+  width = -(-n_actions // 8) * 8
+  index = jnp.arange(n_actions, dtype=jnp.int32)[None]
+  ordered = jnp.sort(jnp.where(support, index, n_actions), axis=1)  # supported first
+  last = jnp.maximum(jnp.max(jnp.where(support, index, -1), axis=1), 0)[:, None]
+  padded = jnp.concatenate([ordered, jnp.full((n_contexts, width - n_actions), n_actions,
+                                              jnp.int32)], axis=1)
+  return jnp.where(padded == n_actions, last, padded)
+
+
+def certified_tables(truth: TruthTables, keys, subset: ActionSubset) -> CertifiedTables:
+  """The certified pass's constants for ``subset`` (labels a multiple of 8 wide, as
+  :func:`subset_labels` and :func:`supported_labels` make them); once per instance."""
+  if subset.labels.shape[1] % 8:
+    raise ValueError(f"the certified pass needs label rows a multiple of 8 wide, "
+                     f"got {subset.labels.shape[1]}")
+  slot_keys = jnp.moveaxis(subset.key_planes, 0, -1)  # (C, V, r)
+  gap = jnp.sqrt(sum((slot_keys[:, :, None, j] - slot_keys[:, None, :, j])**2
+                     for j in range(slot_keys.shape[-1])))  # (C, V, V)
+  inverse = jnp.where(gap > 0, 1.0 / (jnp.where(gap > 0, gap, 1.0) * (1.0 + 1e-6)), 0.0)
+  return CertifiedTables(subset, truth.scores[..., 0], key_norms(keys), inverse)
+
+
+class CertifiedCells(NamedTuple):
+  """What keeps the certified regret pass exact between rounds (one seed).
+
+  Each cell keeps the true score ``value`` of its greedy action, and the
+  query at which it was last scored (``anchor``) with a ``radius``: while the
+  cell's query stays closer than the radius to its anchor, no other action can
+  have reached the greedy one's score, so the value still holds. Cells whose
+  query has moved that far are re-scored (:func:`certified_cell_values`).
+
+  Attributes:
+    anchor: (C, U, r) float32 query of each cell when last scored.
+    radius: (C, U) float32; -inf before a cell's first scoring.
+    value: (C, U) float32 ``R*(x, a_hat, i)`` of the cell's greedy action (0
+      for cells of zero weight, which are never scored).
+  """
+
+  anchor: jax.Array
+  radius: jax.Array
+  value: jax.Array
+
+
+def empty_certified_cells(n_contexts: int, n_users: int, n_factors: int) -> CertifiedCells:
+  """Cells that must all be scored before use (queries of ``n_factors`` numbers)."""
+  shape = (n_contexts, n_users)
+  return CertifiedCells(jnp.zeros(shape + (n_factors,), jnp.float32),
+                        jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+def certified_cell_values(truth: TruthTables, tables: CertifiedTables, cells: CertifiedCells,
+                          queries):
+  """Brings ``cells`` up to ``queries`` (C, U, r); the true score of every cell's
+  greedy action, exactly as :func:`factor_cell_regret` finds it.
+
+  A cell of positive weight is *due* when its query has moved as far as its
+  radius from its anchor (or is not finite). The native CPU kernel
+  (:mod:`jaxbandit.native`, ``csrc/certified_rescan.cc``) finds the due cells
+  and re-scores them alone: greedy slot, its R*, the query as the new anchor
+  and a new radius, the distance the query may move before any other slot's
+  score could reach the greedy one's, ``min_b (R(a) - R(b) - allowance) /
+  ||k_b - k_a||`` (as :func:`_rescore`, with one candidate). The other cells
+  keep their value. Late in a run 1-3% of the cells are due a round.
+
+  Returns:
+    ``(cells, value (C, U), n_due ())``: the updated cells, each cell's greedy
+    true score (``truth.best - value`` is :func:`factor_cell_regret`'s regret
+    wherever the weight is positive) and how many cells were re-scored.
+  """
+  from jaxbandit import native
+
+  subset = tables.subset
+  rescan = jax.ffi.ffi_call(
+      native.TARGET, (jax.ShapeDtypeStruct(cells.anchor.shape, jnp.float32),
+                      jax.ShapeDtypeStruct(cells.radius.shape, jnp.float32),
+                      jax.ShapeDtypeStruct(cells.value.shape, jnp.float32),
+                      jax.ShapeDtypeStruct((), jnp.int32)),
+      vmap_method="sequential", input_output_aliases={8: 0, 9: 1, 10: 2})
+  anchor, radius, value, n_due = rescan(
+      queries.astype(jnp.float32), truth.weights.astype(jnp.float32), subset.key_planes,
+      subset.labels, truth.scores, tables.first_value, tables.key_norm, tables.inverse_gap,
+      cells.anchor, cells.radius, cells.value)
+  return CertifiedCells(anchor, radius, value), value, n_due
+
+
 def _first_true(mask, size: int):
   """Flat indices of the first ``size`` True entries of ``mask``, in order, padded with 0.
 

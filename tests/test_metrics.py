@@ -521,3 +521,134 @@ def test_first_true_lists_the_first_dirty_cells_like_numpy():
     expected = np.concatenate([expected, np.zeros(size - len(expected), int)])
     np.testing.assert_array_equal(np.asarray(first_true(jnp.asarray(mask), size)), expected,
                                   err_msg=f"{shape} {density} {size}")
+
+
+# ---------------------------------------------------------------------------
+# The certified pass (native CPU kernel)
+# ---------------------------------------------------------------------------
+
+
+def certified_problem(true_scores, weights, reference, keys, labels=None):
+  """(truth, tables) of the certified pass; ``labels`` default: every supported action."""
+  from jaxbandit import native
+
+  status = native.status()
+  assert status.available, f"the native kernel (jaxbandit.native) is needed: {status.reason}"
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference))
+  labels = metrics.supported_labels(truth.support) if labels is None else jnp.asarray(labels)
+  subset = metrics.action_subset(truth, jnp.asarray(keys), labels)
+  return truth, metrics.certified_tables(truth, jnp.asarray(keys), subset)
+
+
+def test_supported_labels_list_each_contexts_support_padded_to_eight():
+  support = np.array([[False, True, True, False, True, False],
+                      [True, False, False, False, False, False],
+                      [True, True, True, True, True, True]])
+  got = np.asarray(metrics.supported_labels(jnp.asarray(support)))
+  assert got.shape == (3, 8) and got.dtype == np.int32
+  for row, supported in zip(got, support):
+    actions = np.flatnonzero(supported)
+    np.testing.assert_array_equal(row[:len(actions)], actions)
+    assert np.all(row[len(actions):] == actions[-1])
+
+
+def test_certified_cells_equal_brute_force_along_a_random_walk():
+  """The certified pass's greedy values equal scoring every supported action of every
+  cell in float64 (first maximiser), round after round: quiet rounds (no cell due),
+  rounds with a few cells due and rounds with all of them (all occur). Cells of zero
+  weight are never scored; a query that has not moved since its cell was scored is
+  never due."""
+  rng = np.random.default_rng(5)
+  true_scores, weights, reference = random_problem(5)
+  keys, query = random_factors(5)
+  truth, tables = certified_problem(true_scores, weights, reference, keys)
+  update = jax.jit(lambda cells, queries: metrics.certified_cell_values(truth, tables, cells,
+                                                                        queries))
+  cells = metrics.empty_certified_cells(N_CONTEXTS, N_USERS, N_FACTORS)
+  weighted = int(np.sum(weights > 0))
+  counts = []
+  for step in range(40):
+    scale = 1.0 if 20 <= step < 24 else [0.0, 0.003, 0.03, 0.3][step % 4]  # then a burst
+    query = (query + scale * rng.normal(size=query.shape)).astype(np.float32)
+    cells, value, count = update(cells, jnp.asarray(query))
+    expected = np_factor_regret(true_scores, weights, reference, keys, query)
+    got = np.asarray(truth.best) - np.asarray(value)
+    np.testing.assert_allclose(got[weights > 0], expected[weights > 0], atol=1e-6,
+                               err_msg=f"step {step}")
+    assert np.all(np.asarray(value)[weights == 0] == 0.0)  # never scored
+    counts.append(int(count))
+    if scale == 0.0 and step > 0:
+      assert int(count) == 0, (step, counts)  # nothing moved
+  assert counts[0] == weighted  # every cell of positive weight is scored first
+  assert any(0 < n < weighted for n in counts), counts
+  assert max(counts[20:24]) > weighted // 2, str(counts)  # the burst moves most cells
+
+
+def test_certified_ties_go_to_the_lowest_action_and_the_radius_is_safe():
+  """Integer keys and queries make every score exact, ties included: the certified pass
+  picks the lowest supported action among maximisers, over the hull's actions (labels
+  of extreme points) as over every action. Queries moved by up to 0.999 of a cell's
+  radius keep its greedy action; the cell is then not due, and its value stays exact."""
+  rng = np.random.default_rng(17)
+  true_scores, weights, reference, keys = hull_problem(17, integer_keys=True)
+  queries = rng.integers(-4, 5, size=(HULL_CONTEXTS, HULL_USERS, N_FACTORS)).astype(np.float32)
+  queries[2, 0] = keys[2, 5] - keys[2, 4]  # towards the repeated key: a tie with actions 5, 7
+  hull = metrics.subset_labels(metrics.extreme_actions(keys, reference > 0), HULL_ACTIONS)
+  assert hull is not None
+  for labels in (None, hull):
+    truth, tables = certified_problem(true_scores, weights, reference, keys, labels)
+    update = jax.jit(lambda cells, q, truth=truth, tables=tables: metrics.certified_cell_values(
+        truth, tables, cells, q))
+    cells, value, count = update(metrics.empty_certified_cells(HULL_CONTEXTS, HULL_USERS,
+                                                               N_FACTORS), jnp.asarray(queries))
+    assert int(count) == HULL_CONTEXTS * HULL_USERS
+    for c in range(HULL_CONTEXTS):
+      support = reference[c] > 0
+      for u in range(HULL_USERS):
+        scores = keys[c].astype(np.float64) @ queries[c, u].astype(np.float64)
+        assert float(value[c, u]) == true_scores[c, u, np_greedy(scores, support)], (c, u)
+    radius = np.asarray(cells.radius)
+    assert np.all(np.isfinite(radius[radius > 0]))
+    moved = queries.copy()
+    direction = rng.normal(size=queries.shape)
+    direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+    moved += (0.999 * np.maximum(radius, 0)[..., None] * direction).astype(np.float32)
+    _, again, count = update(cells, jnp.asarray(moved))
+    quiet = radius > 0
+    assert int(count) == np.sum(~quiet)  # cells with a positive radius stay quiet
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(value))
+    assert np.any(quiet)
+
+
+def test_certified_non_finite_query_follows_the_full_pass_and_stays_due():
+  """A NaN query: no score beats -inf, so the value is action 0's (the fused pass's rule),
+  the cell is due again next round, and a finite query then scores it exactly."""
+  true_scores, weights, reference = random_problem(9)
+  keys, query = random_factors(9)
+  truth, tables = certified_problem(true_scores, weights, reference, keys)
+  update = jax.jit(lambda cells, q: metrics.certified_cell_values(truth, tables, cells, q))
+  cells, _, _ = update(metrics.empty_certified_cells(N_CONTEXTS, N_USERS, N_FACTORS),
+                       jnp.asarray(query))
+  broken = query.copy()
+  broken[0, 0, 1] = np.nan
+  cells, value, count = update(cells, jnp.asarray(broken))
+  full = metrics.factor_cell_regret(truth, jnp.asarray(broken), jnp.asarray(keys))
+  assert int(count) == 1
+  assert float(value[0, 0]) == true_scores[0, 0, 0]
+  np.testing.assert_allclose(float(truth.best[0, 0] - value[0, 0]), float(full[0, 0]))
+  cells, value, count = update(cells, jnp.asarray(query))
+  assert int(count) == 1  # only the cell that saw the NaN
+  expected = np_factor_regret(true_scores, weights, reference, keys, query)
+  np.testing.assert_allclose(float(truth.best[0, 0] - value[0, 0]), expected[0, 0], atol=1e-6)
+
+
+def test_certified_tables_need_label_rows_a_multiple_of_eight_wide():
+  true_scores, weights, reference = random_problem(3)
+  keys, _ = random_factors(3)
+  truth = metrics.truth_tables(jnp.asarray(true_scores), jnp.asarray(weights),
+                               jnp.asarray(reference))
+  subset = metrics.action_subset(truth, jnp.asarray(keys),
+                                 jnp.zeros((N_CONTEXTS, 5), jnp.int32))
+  with pytest.raises(ValueError, match="multiple of 8 wide, got 5"):
+    metrics.certified_tables(truth, jnp.asarray(keys), subset)

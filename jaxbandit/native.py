@@ -1,0 +1,154 @@
+"""The package's native CPU kernel, built on first use.
+
+One XLA custom call (JAX's FFI) backs ``regret_evaluation='certified'``: it
+re-scores the cells whose certificate has lapsed (``csrc/certified_rescan.cc``;
+see :func:`jaxbandit.metrics.certified_cell_values`). It is C++ because the
+work it saves is a branch per cell, which XLA's fused loops cannot take.
+
+The source ships with the package and is compiled the first time a process
+asks for it, with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``
+or ``clang++``) against the FFI headers jaxlib installs
+(``jax.ffi.include_dir()``), for this CPU (``-march=native``). The library is
+kept under ``$JAXBANDIT_CACHE_DIR/native`` (default ``~/.cache/jaxbandit/native``),
+named by a hash of the source, the compiler, its flags, jax's version and the
+CPU, so a second process loads it in milliseconds. Compiling takes about 4 s.
+
+Where it cannot be built (no compiler, headers missing, a failed compile) or
+``JAXBANDIT_NATIVE=0`` is set, :func:`status` says why and
+``regret_evaluation='auto'`` uses the XLA pass (``'full'``) instead; asking
+for ``'certified'`` explicitly is then an error before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import NamedTuple, Optional
+
+SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "certified_rescan.cc"
+TARGET = "jaxbandit_certified_rescan"
+_SYMBOL = "JaxbanditCertifiedRescan"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared")
+_LOCK = threading.Lock()
+_REGISTERED = {}  # library path -> the loaded library, registered with JAX once
+
+
+class Status(NamedTuple):
+  """Whether the native kernel is registered with JAX, and if not, why not.
+
+  Attributes:
+    available: the custom call ``TARGET`` is registered for the CPU.
+    reason: what failed, or the library's path when available.
+  """
+
+  available: bool
+  reason: str
+
+
+def cache_dir() -> pathlib.Path:
+  base = os.environ.get("JAXBANDIT_CACHE_DIR")
+  root = pathlib.Path(base) if base else pathlib.Path.home() / ".cache" / "jaxbandit"
+  return root / "native"
+
+
+def _compiler() -> Optional[str]:
+  named = os.environ.get("CXX")
+  if named:
+    return shutil.which(named) or named
+  for candidate in ("c++", "g++", "clang++"):
+    found = shutil.which(candidate)
+    if found:
+      return found
+  return None
+
+
+def _cpu() -> str:
+  """The CPU's model and feature flags (``-march=native`` builds for them)."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return platform.processor() or platform.machine()
+  wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+  return "\n".join(dict.fromkeys(wanted))  # one copy per distinct line, in order
+
+
+def _build(compiler: str, include: str, library: pathlib.Path) -> None:
+  library.parent.mkdir(parents=True, exist_ok=True)
+  handle, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
+  os.close(handle)
+  try:
+    command = [compiler, *_FLAGS, "-isystem", include, str(SOURCE), "-o", partial]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+      raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
+    os.replace(partial, library)  # atomic: a concurrent process sees all of it or none
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
+def disabled() -> bool:
+  """Whether ``JAXBANDIT_NATIVE`` turns the native kernel off (``0``, ``false``, ``no``, ``off``)."""
+  return os.environ.get("JAXBANDIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def build_and_register(compiler: Optional[str] = None,
+                       directory: Optional[pathlib.Path] = None) -> Status:
+  """Compiles the kernel if its library is not in ``directory`` (default :func:`cache_dir`)
+  and registers it with JAX; never raises. ``compiler``: default :func:`_compiler`'s."""
+  with _LOCK:
+    try:
+      import jax
+      import jax.ffi
+    except ImportError as error:  # a jax without the FFI module
+      return Status(False, f"jax.ffi is not available ({error})")
+    compiler = compiler or _compiler()
+    if compiler is None:
+      return Status(False, "no C++ compiler found (set CXX, or install g++ or clang++)")
+    include = jax.ffi.include_dir()
+    if not (pathlib.Path(include) / "xla" / "ffi" / "api" / "ffi.h").exists():
+      return Status(False, f"jaxlib's FFI headers are missing under {include}")
+    fingerprint = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(),
+                 include.encode(), jax.__version__.encode(), _cpu().encode()):
+      fingerprint.update(part)
+      fingerprint.update(b"\0")
+    directory = cache_dir() if directory is None else pathlib.Path(directory)
+    library = directory / fingerprint.hexdigest()[:20] / "libjaxbandit_native.so"
+    try:
+      if not library.exists():
+        _build(compiler, include, library)
+      if str(library) not in _REGISTERED:
+        loaded = ctypes.cdll.LoadLibrary(str(library))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(loaded, _SYMBOL)),
+                                    platform="cpu")
+        _REGISTERED[str(library)] = loaded  # referenced for the life of the process
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
+      return Status(False, f"the native kernel could not be built or loaded: {error}")
+    return Status(True, str(library))
+
+
+@functools.lru_cache(maxsize=None)
+def _built() -> Status:
+  return build_and_register()
+
+
+def status() -> Status:
+  """Whether the kernel can run in this process, building and registering it the first
+  time it is asked (once per machine: about 4 s); never raises."""
+  if disabled():
+    return Status(False, "disabled by JAXBANDIT_NATIVE=0")
+  return _built()
+
+
+def available() -> bool:
+  """:func:`status` ``.available``."""
+  return status().available
