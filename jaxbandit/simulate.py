@@ -36,6 +36,7 @@ from jaxbandit import choice as choice_lib
 from jaxbandit import learners as learners_lib
 from jaxbandit import lowering
 from jaxbandit import metrics
+from jaxbandit import native
 from jaxbandit import policies as policies_lib
 from jaxbandit import validation as V
 from jaxbandit.instance import Instance, cell_weights, true_scores
@@ -68,18 +69,26 @@ class SimulationConfig:
       on a few CPU cores) or 'auto' ('map' on CPU, 'vmap' elsewhere). Results
       agree to floating-point tolerance.
     regret_evaluation: 'full' scores every (context, user, action) each
-      round (always so with ``record_kl``, which needs every score anyway);
+      round in one fused XLA pass over the actions (always so with
+      ``record_kl``, which needs every score anyway); 'certified' (CPU only)
+      keeps each cell's greedy value with a radius around the query where it
+      was last scored and re-scores, in a native kernel, only the cells whose
+      query has left it (1-3% of them late in a run) and never the cells of
+      zero weight (``metrics.certified_cell_values``, ``jaxbandit.native``);
       'incremental' keeps the same exact regret from ``regret_candidates``
       scores per cell, re-scoring every action of a cell only once its query
       has moved far enough from where it was last scored to bring a
       non-candidate level with its greedy action (see
-      ``metrics.RegretCache``); 'auto' is 'full'. Both give the same values.
-      Scoring every cell is one fused pass over the actions. On the 2-core
-      benchmark CPU it was 1.4x faster than the cache at 100 users x 2,000
-      rounds and 1.2x at 10,000 rounds; the cache stayed 5-10% ahead only
-      with 10 users alone and on the stacked paper-users figure at 5,000
-      rounds. Under 'vmap' every branch of the cache's update runs each
-      round, which makes the cache about 2.5x slower.
+      ``metrics.RegretCache``); 'auto' is 'certified' on the CPU when the
+      native kernel can be built, else 'full'. All give the same values (the
+      certified pass's scores round as the fused pass's: bit-identical
+      regrets in every run compared). On the 2-core benchmark CPU
+      'certified' made late rounds 1.1-1.4x faster than 'full' at 100 users
+      and the 3-population paper-users job 1.3x faster (its padded users are
+      never scored); it is slower over the first ~250 rounds, while most
+      cells move. 'full' was 1.4x faster than the candidate cache at 100
+      users x 2,000 rounds; under 'vmap' every branch of the cache's update
+      runs each round, which makes the cache about 2.5x slower.
     rescore_budget: cells re-scored one by one before falling back to a full
       evaluation ('incremental' only).
     regret_candidates: K candidate actions kept per cell ('incremental'
@@ -131,7 +140,8 @@ class SimulationConfig:
     V.positive_float("erm_tol", self.erm_tol)
     V.positive_int("erm_max_iterations", self.erm_max_iterations)
     V.one_of("seed_batching", self.seed_batching, ("auto", "vmap", "map"))
-    V.one_of("regret_evaluation", self.regret_evaluation, ("auto", "full", "incremental"))
+    V.one_of("regret_evaluation", self.regret_evaluation,
+             ("auto", "full", "incremental", "certified"))
     V.positive_int("rescore_budget", self.rescore_budget)
     V.positive_int("regret_candidates", self.regret_candidates)
     V.one_of("data_layout", self.data_layout, ("buffer", "table"))
@@ -181,7 +191,9 @@ class SimState(NamedTuple):
     params: the learner's current estimate (its ``param_shape``).
     data: :class:`learners.ChoiceData` buffer of capacity ``horizon``.
     round: () int32 number of rounds completed.
-    regret_cache: :class:`metrics.RegretCache` of ``params`` (incremental regret).
+    regret_cache: the regret pass's state for ``params``: :class:`metrics.CertifiedCells`
+      with ``regret_evaluation`` 'certified', else :class:`metrics.RegretCache`
+      (used by 'incremental' only).
     solver: the learner's carried solver state (``learners.HessianCarry`` with
       ``erm_hessian='carried'``; an empty tuple otherwise).
   """
@@ -287,8 +299,11 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
   else:
     data = learners_lib.ChoiceData.empty(buffer_capacity(config), config.slate_size, n_ranked)
   n_factors = 0 if learner.score_keys is None else learner.score_keys.shape[-1]
-  cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users, instance.n_actions,
-                                     regret_candidates(config, instance.n_actions), n_factors)
+  if uses_certified_regret(config, learner):
+    cache = metrics.empty_certified_cells(instance.n_contexts, instance.n_users, n_factors)
+  else:
+    cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users, instance.n_actions,
+                                       regret_candidates(config, instance.n_actions), n_factors)
   solver = learner.init_carry() if carries_hessian(config, learner) else ()
   return SimState(learner.init(), data, jnp.zeros((), jnp.int32), cache, solver)
 
@@ -336,21 +351,27 @@ def _refit_fallback(config: SimulationConfig, learner: learners_lib.Learner, fit
                                          **_erm_blocks(config, learner, n_rows))
 
 
-def _regret_tables(instance: Instance, learner: learners_lib.Learner,
+def _regret_tables(config: SimulationConfig, instance: Instance, learner: learners_lib.Learner,
                    action_labels: Optional[jax.Array] = None):
-  """``(truth, subset)`` of one instance, built once per chunk outside the rounds.
+  """``(truth, subset, certified)`` of one instance, built once per chunk outside the rounds.
 
   The truth tables hold R* action-major too, so that the regret pass carries
   each cell's value instead of gathering it afterwards; ``subset`` gathers the
   keys and R* of ``action_labels`` (C, V) (:func:`action_labels`), or is None
-  (the pass then visits every action; the regret is the same).
+  (the pass then visits every action; the regret is the same). ``certified``
+  holds the certified pass's constants (:func:`metrics.certified_tables`)
+  when this configuration uses it, else None.
   """
   truth = metrics.truth_tables(true_scores(instance), cell_weights(instance),
                                instance.reference_policy, action_major=True)
-  subset = None
+  subset = certified = None
   if action_labels is not None and learner.score_keys is not None:
     subset = metrics.action_subset(truth, learner.score_keys, action_labels)
-  return truth, subset
+  if uses_certified_regret(config, learner):
+    visited = subset if subset is not None else metrics.action_subset(
+        truth, learner.score_keys, metrics.supported_labels(truth.support))
+    certified = metrics.certified_tables(truth, learner.score_keys, visited)
+  return truth, subset, certified
 
 
 def _round_functions(config: SimulationConfig, instance: Instance, params: SimulationParams,
@@ -358,7 +379,7 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
   """The pieces of one round for one seed (see :func:`run_rounds`); ``tables`` is
   ``instance``'s :func:`_regret_tables`, computed once by the caller."""
   choice_model, _, policy = _components(config, instance)
-  truth, subset = tables
+  truth, subset, certified = tables
   log_context = jnp.log(instance.context_weights)
   log_user = jnp.log(instance.user_weights)
   policy_params = policies_lib.PolicyParams(params.beta, params.mixture_weight)
@@ -384,7 +405,11 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
     estimate = learner.scores(state.params) if config.record_kl else None
     factored = learner.score_queries is not None and learner.score_keys is not None
     cache = state.regret_cache
-    if factored and resolve_regret_evaluation(config) == "incremental" and not config.record_kl:
+    if certified is not None:
+      cache, value, rescored = metrics.certified_cell_values(
+          truth, certified, cache, learner.score_queries(state.params))
+      per_cell = truth.best - value
+    elif factored and resolve_regret_evaluation(config) == "incremental" and not config.record_kl:
       cache, per_cell, rescored = metrics.update_regret_cache(
           truth, cache, state.params, learner.score_queries, learner.score_keys,
           config.rescore_budget, key_norms)
@@ -466,7 +491,7 @@ def run_rounds(config: SimulationConfig, instance: Instance, params: SimulationP
   """
   learner = _components(config, instance)[1] if learner is None else learner
   return _scan_rounds(config, instance, params, key, state, n_rounds, learner,
-                      _regret_tables(instance, learner, action_labels))
+                      _regret_tables(config, instance, learner, action_labels))
 
 
 def _scan_rounds(config, instance, params, key, state, n_rounds, learner, tables):
@@ -512,7 +537,7 @@ def _vmapped_rounds(config: SimulationConfig, n_rounds: int):
     n_lanes = n_populations * n_seeds
     learner_of = lambda instance: _components(config, instance)[1]
     # Once per population (not per lane and round): truth tables and the pass's actions.
-    tables = jax.vmap(lambda inst, lab: _regret_tables(inst, learner_of(inst), lab))(
+    tables = jax.vmap(lambda inst, lab: _regret_tables(config, inst, learner_of(inst), lab))(
         instances, labels)
 
     def functions(instance, lane_tables, lane_params, key):
@@ -580,10 +605,36 @@ def resolve_batching(config: SimulationConfig) -> str:
 
 
 def resolve_regret_evaluation(config: SimulationConfig) -> str:
-  """'incremental' or 'full' for this configuration ('auto' is 'full')."""
-  if config.regret_evaluation != "auto":
-    return config.regret_evaluation
-  return "full"
+  """'certified', 'incremental' or 'full' for this configuration on the default backend.
+
+  'auto' is 'certified' on the CPU when the native kernel is available
+  (:mod:`jaxbandit.native`) and the KL regret is not recorded, else 'full'.
+  An explicit 'certified' that cannot run is an error (raised here, before
+  anything compiles).
+  """
+  if config.regret_evaluation == "auto":
+    if config.record_kl or jax.default_backend() != "cpu" or not native.available():
+      return "full"
+    return "certified"
+  if config.regret_evaluation == "certified":
+    if config.record_kl:
+      raise ValueError("regret_evaluation='certified' cannot be combined with record_kl=True "
+                       "(the KL regret scores every cell anyway); use 'auto' or 'full'")
+    if jax.default_backend() != "cpu":
+      raise ValueError(f"regret_evaluation='certified' runs on the CPU only (the default "
+                       f"backend is {jax.default_backend()!r}); use 'auto' or 'full'")
+    status = native.status()
+    if not status.available:
+      raise ValueError(f"regret_evaluation='certified' needs the native CPU kernel, which is "
+                       f"not available: {status.reason}; use 'auto' or 'full'")
+  return config.regret_evaluation
+
+
+def uses_certified_regret(config: SimulationConfig, learner: learners_lib.Learner) -> bool:
+  """Whether the kernel keeps the regret with the certified pass (:func:`metrics.certified_cell_values`):
+  ``resolve_regret_evaluation`` says 'certified' and the learner scores through factors."""
+  return (resolve_regret_evaluation(config) == "certified" and
+          learner.score_queries is not None and learner.score_keys is not None)
 
 
 def _map_in_place(fn, states):
@@ -634,7 +685,7 @@ def make_chunk_kernel(config: SimulationConfig, n_rounds: int, n_devices: int = 
 
     def over_seeds(instance, params, keys, states, labels):
       learner = _components(config, instance)[1]
-      tables = _regret_tables(instance, learner, labels)  # once per population, not per seed
+      tables = _regret_tables(config, instance, learner, labels)  # once per population, not per seed
       return _map_in_place(lambda i, state: _scan_rounds(
           config, instance, params, keys[i], state, n_rounds, learner, tables), states)
 
@@ -674,7 +725,7 @@ def action_labels(config: SimulationConfig, instances: Instance) -> Optional[np.
   longest context's count over every population, rounded up to a multiple of
   8. Populations with the same keys and support share one computation.
   """
-  if config.record_kl or resolve_regret_evaluation(config) != "full":
+  if config.record_kl or resolve_regret_evaluation(config) not in ("full", "certified"):
     return None
   stacked = instances.contexts.ndim == 3
   n_populations = instances.contexts.shape[0] if stacked else 1
@@ -754,8 +805,9 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
   """Rough peak-memory estimate of a run, by component (bytes).
 
   State per seed: the data buffer (horizon rows of context, user, slate,
-  outcome, mask), the regret cache (K candidates, a radius and an anchor query
-  of ``n_factors`` numbers per cell), the estimate and
+  outcome, mask), the regret pass's state (K candidates, a radius and a
+  float16 anchor query of ``n_factors`` numbers per cell; with 'certified',
+  a radius, a value and a float32 anchor), the estimate and
   ``n_solver`` numbers of carried solver state (the inverse Hessian);
   records: 9 numbers per seed-round kept on the host for the whole horizon,
   plus one chunk of them on the device; truth tables per population.
@@ -763,10 +815,14 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
   n_ranked = config.slate_size if (config.choice_model == "plackett_luce" and
                                    config.top_m is None) else (config.top_m or 1)
   row = 4 * (2 + config.slate_size + n_ranked) + 1
-  candidate_bytes = jnp.dtype(metrics.candidate_dtype(n_actions)).itemsize
-  anchor_bytes = jnp.dtype(metrics.ANCHOR_DTYPE).itemsize
-  cache = n_contexts * n_users * (4 + candidate_bytes * regret_candidates(config, n_actions) +
-                                  anchor_bytes * n_factors)
+  certified = resolve_regret_evaluation(config) == "certified"
+  if certified:  # radius, value and a float32 anchor query per cell
+    cache = n_contexts * n_users * (8 + 4 * n_factors)
+  else:
+    candidate_bytes = jnp.dtype(metrics.candidate_dtype(n_actions)).itemsize
+    anchor_bytes = jnp.dtype(metrics.ANCHOR_DTYPE).itemsize
+    cache = n_contexts * n_users * (4 + candidate_bytes * regret_candidates(config, n_actions) +
+                                    anchor_bytes * n_factors)
   per_seed = (config.horizon * row + cache + 8 * n_params +
               4 * n_solver)
   lanes = n_populations * n_seeds
@@ -779,8 +835,10 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
       "records_host": lanes * (config.horizon + chunk_size * (chunk_size < config.horizon)) * 36,
       "records_device": lanes * chunk_size * 9 * 4,
       # R*, R* action-major, the R* of the actions the regret pass visits (at
-      # most all of them) and the per-cell tables
-      "truth": n_populations * 4 * n_contexts * n_users * (3 * n_actions + 4),
+      # most all of them) and the per-cell tables; the certified pass's
+      # inverse key gaps between the visited actions (C, V, V)
+      "truth": n_populations * 4 * (n_contexts * n_users * (3 * n_actions + 4) +
+                                    certified * n_contexts * n_actions * n_actions),
   }
   if resolve_batching(config) == "vmap":
     # vmapped temporaries per lane: the regret pass's (C, U) planes (queries,

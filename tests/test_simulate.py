@@ -450,10 +450,13 @@ def wide_instance():
                                     **WIDE_SIZES)
 
 
-def test_regret_over_extreme_actions_equals_numpy_brute_force(wide_instance):
+@pytest.mark.parametrize("evaluation", ["full", "certified"])
+def test_regret_over_extreme_actions_equals_numpy_brute_force(wide_instance, evaluation):
   """A frozen random estimate, its regret kept over the actions that can be greedy
-  (the simulator's labels), against every action scored in float64."""
-  config = dataclasses.replace(WIDE_CONFIG, seed_batching="map")
+  (the simulator's labels), against every action scored in float64: by the fused pass
+  over every cell, and by the certified pass, which scores every cell of positive
+  weight in round 1 and none after (the estimate never moves)."""
+  config = dataclasses.replace(WIDE_CONFIG, seed_batching="map", regret_evaluation=evaluation)
   labels = S.action_labels(config, wide_instance)
   assert labels is not None and labels.shape[-1] < WIDE_SIZES["n_actions"]
   model = learners.make_model_class("known_heads", wide_instance)
@@ -482,6 +485,32 @@ def test_regret_over_extreme_actions_equals_numpy_brute_force(wide_instance):
       regret += weights[c, i] * (truth[c, i, support[c]].max() - truth[c, i, greedy])
   assert regret > 0.1  # a random estimate is wrong somewhere
   np.testing.assert_allclose(records.regret, regret, rtol=1e-6)
+  if evaluation == "certified":
+    assert records.rescored_cells[0] == np.sum(weights > 0)
+    assert np.all(records.rescored_cells[1:] == 0)
+
+
+@pytest.mark.parametrize("batching", [
+    "map", pytest.param("vmap", marks=pytest.mark.slow)])  # vmap: two more compiles, ~20 s
+def test_certified_regret_equals_the_full_pass(wide_instance, batching):
+  """The exact ERM's moving estimates: the certified pass (native kernel; under vmap it
+  runs lane by lane) records the same regret as the fused pass over every cell, bit for
+  bit, with the same trajectories, and scores every cell only in round 1."""
+  runs = {}
+  for evaluation in ("full", "certified"):
+    config = dataclasses.replace(WIDE_CONFIG, seed_batching=batching,
+                                 regret_evaluation=evaluation)
+    assert S.resolve_regret_evaluation(config) == evaluation
+    runs[evaluation] = S.simulate(wide_instance, config, PARAMS, n_seeds=2,
+                                  master_seed=MASTER_SEED).records
+  full, certified = runs["full"], runs["certified"]
+  for name in S.RoundRecord._fields:
+    if name != "rescored_cells":
+      np.testing.assert_array_equal(getattr(certified, name), getattr(full, name), err_msg=name)
+  cells = SIZES["n_contexts"] * SIZES["n_users"]
+  assert np.all(certified.rescored_cells[..., 0] == cells)
+  assert np.all(certified.rescored_cells <= cells)
+  assert np.all(full.regret[..., -1] < full.regret[..., 0])  # it learns
 
 
 @pytest.mark.slow  # ~26 s on 2 cores; the map path's labels are checked against NumPy above
