@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/attribution.py                       # t = 500, 2000, 4000; ~6 min
     python benchmarks/attribution.py --rounds-at 2000 --repeats 20 --out results/bench
+    python benchmarks/attribution.py --regret-modes        # 'full' against 'certified'
 
     # one core, one XLA thread (as each host device of a two-core run):
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
@@ -31,6 +32,14 @@ whole kernel** in one process and times them against it, alternating:
   carried inverse Hessian (p x p) is not free. A second copy can be cheaper
   than the first (its inputs already in cache), so for the regret pass the
   two variants bracket its cost.
+
+With ``--regret-modes`` it compares the kernel's regret evaluations instead
+(``'full'``, the fused pass over every cell, against ``'certified'``, the
+native kernel re-scoring only the cells whose greedy action may have
+changed): each mode keeps its own state, both advanced to each ``t``, and the
+table adds the cells re-scored a round. The pieces above are measured on the
+kernel as ``'auto'`` resolves (``'certified'`` on a CPU with the native
+kernel, whose pass the regret variants then replace).
 
 Each variant is one ``run_rounds`` scan of ``--window`` rounds for one seed
 of the paper-users instance at U = 100 (benchmark ``Case`` defaults, horizon
@@ -113,6 +122,14 @@ def zero_regret(truth, queries, keys, subset=None):
   return jnp.zeros(truth.weights.shape, queries.dtype)
 
 
+def zero_certified(truth, tables, cells, queries):
+  """A stand-in for ``metrics.certified_cell_values``: every cell at its best value (regret
+  0), no cell re-scored, the cells unchanged."""
+  import jax.numpy as jnp
+
+  return cells, truth.best, jnp.zeros((), jnp.int32)
+
+
 @contextlib.contextmanager
 def patched(module, name, value):
   saved = getattr(module, name)
@@ -123,19 +140,25 @@ def patched(module, name, value):
     setattr(module, name, saved)
 
 
-def variants():
+def variants(evaluation: str = "full"):
   """``(label, module, attribute, make, regret_may_differ)`` rows: the kernel
   with ``module.attribute`` replaced by ``make(original)`` (``module`` None:
   the kernel as it is), and whether its regret fields may differ from the
-  base kernel's (every other field must not)."""
+  base kernel's (every other field must not). ``evaluation``: the kernel's
+  resolved ``regret_evaluation``, 'full' or 'certified' (whose pass is
+  ``metrics.certified_cell_values``, its queries argument 3)."""
   from jaxbandit import learners, metrics
 
   twice = lambda argnum: (lambda fn: run_twice(fn, argnum))
+  if evaluation == "certified":
+    regret = ("certified_cell_values", lambda f: zero_certified, twice(3))
+  else:
+    regret = ("factor_cell_regret", lambda f: zero_regret, twice(1))
   return [
       ("base", None, None, None, False),
       ("base, again (noise)", None, None, None, False),
-      ("regret pass removed", metrics, "factor_cell_regret", lambda f: zero_regret, True),
-      ("regret pass twice", metrics, "factor_cell_regret", twice(1), False),
+      ("regret pass removed", metrics, regret[0], regret[1], True),
+      ("regret pass twice", metrics, regret[0], regret[2], False),
       ("ERM gradient passes twice", learners, "_cell_table_user_gradient", twice(2), False),
       ("score queries twice (regret + gradients)", learners, "score_queries", twice(1),
        False),
@@ -182,7 +205,9 @@ def measure(rounds_at, repeats: int, window: int):
     return jax.jit(window_of_rounds)
 
   compiled, compile_s = [], []
-  for label, module, attribute, make, regret_may_differ in variants():
+  evaluation = simulate.resolve_regret_evaluation(config)
+  print(f"regret_evaluation: {evaluation}", flush=True)
+  for label, module, attribute, make, regret_may_differ in variants(evaluation):
     started = time.perf_counter()
     if module is None:
       executable = kernel().lower(*inputs, state, false).compile()
@@ -230,10 +255,86 @@ def measure(rounds_at, repeats: int, window: int):
   return rows
 
 
+def compare_regret_modes(rounds_at, repeats: int, window: int,
+                         modes=("full", "certified")):
+  """The same seed's kernel with each ``regret_evaluation`` of ``modes``: every mode's
+  state is advanced to each round ``t`` by its own kernel, then the modes run the same
+  window in turn, ``repeats`` times. Rows as :func:`measure`'s, ``variant`` the mode;
+  ``records`` compares every field but ``rescored_cells`` with the first mode's."""
+  import dataclasses
+
+  import jax
+
+  from jaxbandit import simulate
+
+  case = bench.Case("attribution", n_seeds=1, horizon=max(5000, max(rounds_at) + window))
+  instance, _ = bench.build_instance(case)
+  config, preset = bench.simulation_config(case)
+  params = simulate.SimulationParams.make(beta=preset.beta, ridge=preset.ridge,
+                                          mixture_weight=preset.mixture_weight)
+  key = simulate.seed_keys(0, np.arange(1))[0]
+  runs = []
+  for mode in modes:
+    mode_config = dataclasses.replace(config, regret_evaluation=mode)
+    labels = simulate.action_labels(mode_config, instance)
+    labels = None if labels is None else jax.numpy.asarray(labels[0])
+    started = time.perf_counter()
+    step = jax.jit(lambda instance, labels, params, key, state, mode_config=mode_config:
+                   simulate.run_rounds(mode_config, instance, params, key, state, window,
+                                       action_labels=labels))
+    state = simulate.init_state(mode_config, instance)
+    executable = step.lower(instance, labels, params, key, state).compile()
+    print(f"compiled {mode} in {time.perf_counter() - started:.1f} s", flush=True)
+    runs.append([mode, executable, labels, state])
+
+  rows, done = [], 0
+  skip = {"rescored_cells"}
+  for t in sorted(rounds_at):
+    while done + window <= t:
+      for run in runs:
+        run[3], _ = run[1](instance, run[2], params, key, run[3])
+      done += window
+    jax.block_until_ready([run[3] for run in runs])
+    times = {run[0]: [] for run in runs}
+    records = {}
+    load_before = bench.load1()
+    for _ in range(repeats):
+      for mode, executable, labels, state in runs:
+        started = time.perf_counter()
+        _, out = jax.block_until_ready(executable(instance, labels, params, key, state))
+        times[mode].append((time.perf_counter() - started) / window * 1e3)
+        records.setdefault(mode, out)
+    first = records[modes[0]]
+    base = float(np.median(times[modes[0]]))
+    for mode in modes:
+      same = all(np.array_equal(np.asarray(getattr(first, f)), np.asarray(getattr(records[mode], f)))
+                 for f in first._fields if f not in skip)
+      median = float(np.median(times[mode]))
+      rows.append({
+          "t": done, "window": window, "variant": mode,
+          "ms_min": float(np.min(times[mode])), "ms_median": median,
+          "delta_ms": median - base, "share_pct": 100.0 * (median - base) / base,
+          "records": "same" if same else "DIFFER",
+          "erm_steps": float(np.mean(np.asarray(first.erm_iterations))),
+          "rescored": float(np.mean(np.asarray(records[mode].rescored_cells))),
+          "load1": f"{load_before:.1f}-{bench.load1():.1f}",
+      })
+    print(bench.format_table([r for r in rows if r["t"] == done], MODE_COLUMNS), flush=True)
+  return rows
+
+
 COLUMNS = [  # (title, key), as benchmarks/run.py's tables
     ("t", "t"), ("variant", "variant"), ("ms/round min", "ms_min"),
     ("median", "ms_median"), ("median - base", "delta_ms"), ("% of base", "share_pct"),
     ("records", "records"), ("ERM steps", "erm_steps"), ("load1", "load1"),
+]
+
+
+MODE_COLUMNS = [
+    ("t", "t"), ("regret_evaluation", "variant"), ("ms/round min", "ms_min"),
+    ("median", "ms_median"), ("median - first", "delta_ms"), ("% of first", "share_pct"),
+    ("records", "records"), ("cells re-scored", "rescored"), ("ERM steps", "erm_steps"),
+    ("load1", "load1"),
 ]
 
 
@@ -244,6 +345,9 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--window", type=int, default=500, help="rounds a timed call runs")
   p.add_argument("--out", default="results/bench")
+  p.add_argument("--regret-modes", action="store_true",
+                 help="instead of the pieces: the kernel with regret_evaluation 'full' against "
+                      "'certified' (writes regret_modes.csv/json)")
   args = p.parse_args(argv)
   args.rounds_at = [int(v) for v in args.rounds_at.split(",")]
   for t in args.rounds_at:
@@ -260,17 +364,21 @@ def main(argv=None) -> None:
   from jaxbandit.simulate import one_blas_thread
 
   started = time.time()
+  name, columns = ("regret_modes", MODE_COLUMNS) if args.regret_modes else ("attribution",
+                                                                             COLUMNS)
   with one_blas_thread():
-    rows = measure(args.rounds_at, args.repeats, args.window)
+    if args.regret_modes:
+      rows = compare_regret_modes(args.rounds_at, args.repeats, args.window)
+    else:
+      rows = measure(args.rounds_at, args.repeats, args.window)
   print()
-  print(bench.format_table(rows, COLUMNS))
+  print(bench.format_table(rows, columns))
   os.makedirs(args.out, exist_ok=True)
-  bench.write_outputs(args.out, "attribution", rows,
+  bench.write_outputs(args.out, name, rows,
                       dict(machine=bench.machine_info(), seconds=time.time() - started,
                            source=bench.source_fingerprint(), argv=sys.argv[1:]),
-                      COLUMNS)
-  print(f"\nwrote {args.out}/attribution.csv and attribution.json "
-        f"({time.time() - started:.0f} s)")
+                      columns)
+  print(f"\nwrote {args.out}/{name}.csv and {name}.json ({time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":

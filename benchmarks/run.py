@@ -51,6 +51,12 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
         'full':        Q + C U V 2d (every cell, the V actions per context
                        that can be greedy, simulate.action_labels; V = A
                        where nothing is left out);
+        'certified':   Q + C U_w 3d (each cell of positive weight, U_w of
+                       them per context: its move from its anchor)
+                       + cells_scored * V (2d + 4) (a re-scored cell's
+                       scores over the visited actions and its radius:
+                       a difference, a product and a minimum per action),
+                       cells_scored = the round's rescored_cells;
         'incremental': Q + C U 3d (the queries and each cell's move from
                        its anchor)
                        + C U K 2d (K = regret_candidates scores per cell)
@@ -257,14 +263,20 @@ def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations, cell_tabl
   return woodbury + start + iterations * step
 
 
-def regret_flops(cells_scored, n_contexts, n_actions, n_users, d, q, m, candidates=None):
+def regret_flops(cells_scored, n_contexts, n_actions, n_users, d, q, m, candidates=None,
+                 certified=False):
   """Analytic flops of one round's regret (the module docstring's formula).
 
-  ``candidates=None`` is the 'full' evaluation; otherwise the incremental
-  cache with that many candidates per cell re-scoring ``cells_scored`` cells.
+  ``candidates=None`` is the 'full' evaluation (or with ``certified`` the
+  certified pass re-scoring ``cells_scored`` cells over ``n_actions`` visited
+  actions, ``n_users`` the users of positive weight); otherwise the
+  incremental cache with that many candidates per cell re-scoring
+  ``cells_scored`` cells.
   """
   cells = np.asarray(cells_scored, np.float64)
   queries = 2.0 * n_contexts * n_users * d * d + 2.0 * n_users * m * q
+  if certified:
+    return queries + n_contexts * n_users * 3.0 * d + cells * n_actions * (2.0 * d + 4.0)
   if candidates is None:
     return queries + n_contexts * n_users * n_actions * 2.0 * d + 0 * cells
   return (queries + n_contexts * n_users * 3.0 * d +
@@ -284,10 +296,14 @@ def flops_per_seed_round(case: Case, records, config, visited_actions=None) -> d
   all_cells = case.n_contexts * case.n_users
   rescored = np.asarray(records.rescored_cells)
   d = case.dim
-  if simulate.resolve_regret_evaluation(config) == "full":
+  evaluation = simulate.resolve_regret_evaluation(config)
+  if evaluation == "full":
     regret = regret_flops(all_cells, case.n_contexts, visited_actions or case.n_actions,
                           case.n_users, d, q, m)
     regret = np.full(rescored.shape, regret)
+  elif evaluation == "certified":
+    regret = regret_flops(rescored, case.n_contexts, visited_actions or case.n_actions,
+                          case.n_users, d, q, m, certified=True)
   else:
     budget = min(config.rescore_budget, all_cells)
     small = max(budget // 8, 1)
@@ -715,6 +731,7 @@ def table_cases(args):
               reference_seeds=args.reference_seeds, **sizes)
   import jax
 
+  from jaxbandit import simulate
   from jaxbandit.cli import available_cores
 
   cores = available_cores()
@@ -730,12 +747,18 @@ def table_cases(args):
                        reference_seeds=args.reference_seeds)
   variants = [Case(f"{b}/{r}", seed_batching=b, regret_evaluation=r, **variant_sizes)
               for b in ("map", "vmap") for r in ("incremental", "full")]
+  if jax.default_backend() == "cpu":
+    variants.insert(0, Case("map/certified", seed_batching="map", regret_evaluation="certified",
+                            **variant_sizes))
   variants.append(Case("map/full/fresh-hessian", seed_batching="map", regret_evaluation="full",
                        erm_hessian="fresh", **variant_sizes))
   if (main.n_seeds, main.horizon) == (args.variant_seeds, args.variant_horizon):
-    # One size (--quick): 'auto' is 'map' and 'full' on CPU, so the main row is map/full.
+    # One size (--quick): the main row already is 'auto' resolved on this backend.
+    auto = simulate.resolve_regret_evaluation(simulate.SimulationConfig(
+        seed_batching=main.seed_batching))
+    auto_batching = "map" if jax.default_backend() == "cpu" else "vmap"
     variants = [v for v in variants if (v.seed_batching, v.regret_evaluation) !=
-                ("map", "full") or v.erm_hessian != "carried"]
+                (auto_batching, auto) or v.erm_hessian != "carried"]
   return main, every_core + variants
 
 
