@@ -1249,14 +1249,21 @@ def memory_mode(args) -> None:
   d = case.dim
   from jaxbandit import metrics
 
-  candidate_bytes = np.dtype(metrics.candidate_dtype(a)).itemsize
-  anchor_bytes = np.dtype(metrics.ANCHOR_DTYPE).itemsize
-  cache = c * u * (4 + candidate_bytes * n_candidates + anchor_bytes * d)
+  if simulate.resolve_regret_evaluation(simulate.SimulationConfig()) == "certified":
+    regret_state = ("certified cells C x U x (2 + d)", c * u * (8 + 4 * d),
+                    f"value and radius float32, anchor query (d={d} float32)")
+  else:
+    candidate_bytes = np.dtype(metrics.candidate_dtype(a)).itemsize
+    anchor_bytes = np.dtype(metrics.ANCHOR_DTYPE).itemsize
+    regret_state = ("regret cache C x U x (K + 1 + d)",
+                    c * u * (4 + candidate_bytes * n_candidates + anchor_bytes * d),
+                    f"K={n_candidates} {np.dtype(metrics.candidate_dtype(a)).name} candidates, "
+                    f"radius float32, anchor query (d={d} "
+                    f"{np.dtype(metrics.ANCHOR_DTYPE).name})")
   record = 8 * 4 + 1  # eight 4-byte fields and the bool converged flag
   items = [
       ("data buffer (horizon rows)", data_row * horizon, f"{data_row} B per row"),
-      ("regret cache C x U x (K + 1 + d)", cache, f"K={n_candidates} {np.dtype(metrics.candidate_dtype(a)).name} candidates, radius "
-       f"float32, anchor query (d={d} {np.dtype(metrics.ANCHOR_DTYPE).name})"),
+      regret_state,
       ("estimate Theta (m x q)", m * q * 4, ""),
       ("carried inverse Hessian (mq x mq), estimate and gradient", ((m * q)**2 + 2 * m * q) * 4,
        "erm_hessian='carried' (the "

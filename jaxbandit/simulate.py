@@ -80,9 +80,11 @@ class SimulationConfig:
       has moved far enough from where it was last scored to bring a
       non-candidate level with its greedy action (see
       ``metrics.RegretCache``); 'auto' is 'certified' on the CPU when the
-      native kernel can be built, else 'full'. All give the same values (the
-      certified pass's scores round as the fused pass's: bit-identical
-      regrets in every run compared). On the 2-core benchmark CPU
+      native kernel can be built, else 'full'. All give the same greedy action
+      in every cell, up to two actions tied within float32 rounding, which
+      two paths may break differently: at paper size 11 of 16,000
+      seed-rounds differed between 'certified' and 'full', each in one cell,
+      by 1e-4 to 1e-3 of the round's regret. On the 2-core benchmark CPU
       'certified' made late rounds 1.1-1.4x faster than 'full' at 100 users
       and the 3-population paper-users job 1.3x faster (its padded users are
       never scored); it is slower over the first ~250 rounds, while most

@@ -495,7 +495,9 @@ def test_regret_over_extreme_actions_equals_numpy_brute_force(wide_instance, eva
 def test_certified_regret_equals_the_full_pass(wide_instance, batching):
   """The exact ERM's moving estimates: the certified pass (native kernel; under vmap it
   runs lane by lane) records the same regret as the fused pass over every cell, bit for
-  bit, with the same trajectories, and scores every cell only in round 1."""
+  bit (this instance has no two actions tied within float32 rounding, which the two
+  passes could break differently), with the same trajectories, and scores every cell
+  only in round 1."""
   runs = {}
   for evaluation in ("full", "certified"):
     config = dataclasses.replace(WIDE_CONFIG, seed_batching=batching,
