@@ -439,6 +439,15 @@ def test_candidates_hold_the_greedy_action_within_their_radius():
   assert checked > 0 and tight > 0
 
 
+def walk_queries(query, rng, n_steps=40):
+  """The random walk of the regret-state tests: steps of scale 0, 0.003, 0.03 and 0.3 in
+  turn, with a burst of scale 1 at steps 20-23; yields ``(step, scale, queries)``."""
+  for step in range(n_steps):
+    scale = 1.0 if 20 <= step < 24 else [0.0, 0.003, 0.03, 0.3][step % 4]
+    query = (query + scale * rng.normal(size=query.shape)).astype(np.float32)
+    yield step, scale, query
+
+
 def test_candidate_cache_equals_brute_force_along_a_random_walk():
   """The cached regret equals scoring every action of every cell, round after round, through
   quiet rounds, partial re-scoring, rebuilds and rounds that score every cell while the
@@ -453,9 +462,7 @@ def test_candidate_cache_equals_brute_force_along_a_random_walk():
       truth, cache, estimate, queries_of, jnp.asarray(keys), 2))
   cache = metrics.empty_regret_cache(N_CONTEXTS, N_USERS, N_ACTIONS, 2, N_FACTORS)
   rescored = []
-  for step in range(40):
-    scale = 1.0 if 20 <= step < 24 else [0.0, 0.003, 0.03, 0.3][step % 4]  # then a burst
-    query = (query + scale * rng.normal(size=query.shape)).astype(np.float32)
+  for step, _, query in walk_queries(query, rng):
     cache, regret, count = update(cache, jnp.asarray(query))
     expected = np_factor_regret(true_scores, weights, reference, keys, query)
     np.testing.assert_allclose(np.asarray(regret), np.where(weights > 0, expected, 0.0),
@@ -568,9 +575,7 @@ def test_certified_cells_equal_brute_force_along_a_random_walk():
   cells = metrics.empty_certified_cells(N_CONTEXTS, N_USERS, N_FACTORS)
   weighted = int(np.sum(weights > 0))
   counts = []
-  for step in range(40):
-    scale = 1.0 if 20 <= step < 24 else [0.0, 0.003, 0.03, 0.3][step % 4]  # then a burst
-    query = (query + scale * rng.normal(size=query.shape)).astype(np.float32)
+  for step, scale, query in walk_queries(query, rng):
     cells, value, count = update(cells, jnp.asarray(query))
     expected = np_factor_regret(true_scores, weights, reference, keys, query)
     got = np.asarray(truth.best) - np.asarray(value)
