@@ -182,6 +182,29 @@ def save_checkpoint(out_dir: str, config, progress: sim.Progress) -> None:
   atomic_write_bytes(os.path.join(out_dir, CHECKPOINT_FILE), buffer.getvalue())
 
 
+def _with_fresh_regret_state(template, leaves):
+  """``leaves`` (a checkpoint's state) with its regret-pass state replaced by the
+  ``template``'s (a fresh one), when only that part differs; else None.
+
+  The regret state (``metrics.CertifiedCells`` or ``metrics.RegretCache``) only
+  caches exact values, and a fresh one is scored in full in the next round, so a
+  run checkpointed with one regret pass resumes under the other: on a machine
+  without the native kernel (``jaxbandit.native``), or the other way round. The
+  records then match an uninterrupted run up to near-ties (docs/config.md).
+  """
+  per_field = [jax.tree_util.tree_leaves(getattr(template, name)) for name in template._fields]
+  index = template._fields.index("regret_cache")
+  before = sum(len(field) for field in per_field[:index])
+  after = sum(len(field) for field in per_field[index + 1:])
+  if len(leaves) < before + after:
+    return None
+  swapped = (list(leaves[:before]) + [np.asarray(leaf) for leaf in per_field[index]] +
+             list(leaves[len(leaves) - after:]))
+  expected = [(tuple(np.shape(x)), np.dtype(x.dtype)) for field in per_field for x in field]
+  found = [(tuple(leaf.shape), leaf.dtype) for leaf in swapped]
+  return swapped if found == expected else None
+
+
 def load_checkpoint(out_dir: str, config, state_template) -> Optional[sim.Progress]:
   """Reads ``checkpoint.npz`` if present; refuses one made under another config."""
   path = os.path.join(out_dir, CHECKPOINT_FILE)
@@ -198,6 +221,8 @@ def load_checkpoint(out_dir: str, config, state_template) -> Optional[sim.Progre
     leaves = [data[f"state_{i}"] for i in range(n_found)]
     found = [(tuple(leaf.shape), leaf.dtype) for leaf in leaves]
     if found != expected:
+      leaves = _with_fresh_regret_state(state_template, leaves)
+    if leaves is None:
       raise ValueError(
           f"checkpoint in {out_dir!r} holds a simulator state of another layout "
           f"({n_found} state arrays, this version expects {len(expected)}; it was "

@@ -175,6 +175,45 @@ def test_resume_from_a_checkpoint_of_another_state_layout_is_refused(reference_r
   assert "another layout" in err and "1 state arrays" in err and "new --out" in err
 
 
+def test_a_checkpoint_resumes_under_the_other_regret_pass(tiny_config_file, tmp_path):
+  """A checkpoint written with the fused pass's state (the candidate cache, as on a
+  machine without the native kernel) loads into a certified run, and back: the regret
+  state is replaced by a fresh one (scored in full in the next round), every other
+  state array is kept as written."""
+  import jax
+
+  from jaxbandit import instance as instance_lib
+  from jaxbandit import metrics
+  from jaxbandit import simulate as sim
+
+  config = config_io.load_config(tiny_config_file)
+  stacked = instance_lib.stack_instances([a.instance for a in experiment.build_instances(config)])
+  n_populations = len(config.populations)
+  templates = {mode: sim.init_states(dataclasses.replace(config.simulation_config(),
+                                                         regret_evaluation=mode),
+                                     stacked, config.n_seeds)
+               for mode in ("full", "certified")}
+  for written, resumed in [("full", "certified"), ("certified", "full")]:
+    states = templates[written]
+    states = states._replace(round=states.round + 5,
+                             params=states.params + np.float32(0.25))  # a state mid-run
+    shape = (n_populations, config.n_seeds, 5)
+    records = sim.RoundRecord(*[np.zeros(shape, np.float32)] * len(sim.RoundRecord._fields))
+    out = tmp_path / f"{written}-to-{resumed}"
+    out.mkdir()
+    config_io.save_checkpoint(str(out), config, sim.Progress(5, config.horizon, states, records))
+    loaded = config_io.load_checkpoint(str(out), config, templates[resumed]).states
+    kind = metrics.CertifiedCells if resumed == "certified" else metrics.RegretCache
+    assert isinstance(loaded.regret_cache, kind)
+    for got, fresh in zip(jax.tree_util.tree_leaves(loaded.regret_cache),
+                          jax.tree_util.tree_leaves(templates[resumed].regret_cache)):
+      np.testing.assert_array_equal(got, np.asarray(fresh))
+    for name in ("params", "round", "data", "solver"):
+      for got, saved in zip(jax.tree_util.tree_leaves(getattr(loaded, name)),
+                            jax.tree_util.tree_leaves(getattr(states, name))):
+        np.testing.assert_array_equal(got, np.asarray(saved), err_msg=name)
+
+
 def test_sweep_compiles_once_and_matches_single_runs(tmp_path, tiny_config_file):
   """A beta sweep is one compiled call whose lanes equal separate runs."""
   from jaxbandit import experiment, simulate
