@@ -550,15 +550,13 @@ class CertifiedTables(NamedTuple):
   """Constants of the certified regret pass for one instance (:func:`certified_tables`).
 
   Attributes:
-    subset: the :class:`ActionSubset` the pass visits, with its true scores.
-    first_value: (C, U) R* of action 0 (the pass's value before any score).
+    subset: the :class:`ActionSubset` the pass visits.
     key_norm: (C,) ``max_a ||k_ca||`` over every action (the rounding allowance).
     inverse_gap: (C, V, V) ``1 / (||k_v - k_w|| (1 + 1e-6))`` between the slots'
       keys, 0 where they are equal.
   """
 
   subset: ActionSubset
-  first_value: jax.Array
   key_norm: jax.Array
   inverse_gap: jax.Array
 
@@ -586,7 +584,7 @@ def certified_tables(truth: TruthTables, keys, subset: ActionSubset) -> Certifie
   gap = jnp.sqrt(sum((slot_keys[:, :, None, j] - slot_keys[:, None, :, j])**2
                      for j in range(slot_keys.shape[-1])))  # (C, V, V)
   inverse = jnp.where(gap > 0, 1.0 / (jnp.where(gap > 0, gap, 1.0) * (1.0 + 1e-6)), 0.0)
-  return CertifiedTables(subset, truth.scores[..., 0], key_norms(keys), inverse)
+  return CertifiedTables(subset, key_norms(keys), inverse)
 
 
 class CertifiedCells(NamedTuple):
@@ -644,10 +642,10 @@ def certified_cell_values(truth: TruthTables, tables: CertifiedTables, cells: Ce
                       jax.ShapeDtypeStruct(cells.radius.shape, jnp.float32),
                       jax.ShapeDtypeStruct(cells.value.shape, jnp.float32),
                       jax.ShapeDtypeStruct((), jnp.int32)),
-      vmap_method="sequential", input_output_aliases={8: 0, 9: 1, 10: 2})
+      vmap_method="sequential", input_output_aliases={7: 0, 8: 1, 9: 2})
   anchor, radius, value, n_due = rescan(
       queries.astype(jnp.float32), truth.weights.astype(jnp.float32), subset.key_planes,
-      subset.labels, truth.scores, tables.first_value, tables.key_norm, tables.inverse_gap,
+      subset.labels, truth.scores, tables.key_norm, tables.inverse_gap,
       cells.anchor, cells.radius, cells.value)
   return CertifiedCells(anchor, radius, value), value, n_due
 

@@ -48,7 +48,6 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
                                ffi::Buffer<ffi::F32> key_planes,   // (r, C, V) slot keys
                                ffi::Buffer<ffi::S32> labels,       // (C, V) slot actions
                                ffi::Buffer<ffi::F32> true_scores,  // (C, U, A) R*
-                               ffi::Buffer<ffi::F32> first_value,  // (C, U) R* of action 0
                                ffi::Buffer<ffi::F32> key_norm,     // (C,) max_a ||k_a||
                                ffi::Buffer<ffi::F32> inverse_gap,  // (C, V, V) 1 / (||k_v - k_w|| (1 + 1e-6)), 0 if equal
                                ffi::Buffer<ffi::F32> anchor_in,    // (C, U, r)
@@ -75,7 +74,6 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
   const float* k_planes = key_planes.typed_data();
   const int32_t* label_rows = labels.typed_data();
   const float* values = true_scores.typed_data();
-  const float* first = first_value.typed_data();
   const float* norms = key_norm.typed_data();
   const float* gaps = inverse_gap.typed_data();
   float* anchor = anchor_out->typed_data();
@@ -144,7 +142,8 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
         }
       }
       if (best < 0 || !std::isfinite(top)) {  // no finite maximum: due again next round
-        value[cell] = best < 0 ? first[cell] : values[cell * n_actions + label_rows[c * width + best]];
+        // No score above -inf: action 0's R*, as the fused pass keeps.
+        value[cell] = values[cell * n_actions + (best < 0 ? 0 : label_rows[c * width + best])];
         radius[cell] = -kInf;
         continue;
       }
@@ -184,7 +183,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditCertifiedRescan, CertifiedRescanImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_planes
                                   .Arg<ffi::Buffer<ffi::S32>>()  // labels
                                   .Arg<ffi::Buffer<ffi::F32>>()  // true_scores
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // first_value
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_norm
                                   .Arg<ffi::Buffer<ffi::F32>>()  // inverse_gap
                                   .Arg<ffi::Buffer<ffi::F32>>()  // anchor
