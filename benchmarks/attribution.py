@@ -180,19 +180,36 @@ def _records_match(base, other, regret_may_differ: bool) -> bool:
              for f in fields if f not in skip)
 
 
-def measure(rounds_at, repeats: int, window: int):
-  import jax
-
+def paper_seed(rounds_at, window: int):
+  """``(instance, config, params, key)``: seed 0 of the paper-users instance at U = 100
+  (benchmark ``Case`` defaults), with a horizon that holds every window."""
   from jaxbandit import simulate
 
   case = bench.Case("attribution", n_seeds=1, horizon=max(5000, max(rounds_at) + window))
   instance, _ = bench.build_instance(case)
   config, preset = bench.simulation_config(case)
-  labels = simulate.action_labels(config, instance)
-  labels = None if labels is None else jax.numpy.asarray(labels[0])
   params = simulate.SimulationParams.make(beta=preset.beta, ridge=preset.ridge,
                                           mixture_weight=preset.mixture_weight)
-  key = simulate.seed_keys(0, np.arange(1))[0]
+  return instance, config, params, simulate.seed_keys(0, np.arange(1))[0]
+
+
+def labels_of(config, instance):
+  """The instance's regret-pass labels for ``config`` (C, V), or None."""
+  import jax
+
+  from jaxbandit import simulate
+
+  labels = simulate.action_labels(config, instance)
+  return None if labels is None else jax.numpy.asarray(labels[0])
+
+
+def measure(rounds_at, repeats: int, window: int):
+  import jax
+
+  from jaxbandit import simulate
+
+  instance, config, params, key = paper_seed(rounds_at, window)
+  labels = labels_of(config, instance)
   state = simulate.init_state(config, instance)
   inputs = (instance, labels, params, key)
   false = jax.numpy.zeros((), bool)
@@ -267,17 +284,11 @@ def compare_regret_modes(rounds_at, repeats: int, window: int,
 
   from jaxbandit import simulate
 
-  case = bench.Case("attribution", n_seeds=1, horizon=max(5000, max(rounds_at) + window))
-  instance, _ = bench.build_instance(case)
-  config, preset = bench.simulation_config(case)
-  params = simulate.SimulationParams.make(beta=preset.beta, ridge=preset.ridge,
-                                          mixture_weight=preset.mixture_weight)
-  key = simulate.seed_keys(0, np.arange(1))[0]
+  instance, config, params, key = paper_seed(rounds_at, window)
   runs = []
   for mode in modes:
     mode_config = dataclasses.replace(config, regret_evaluation=mode)
-    labels = simulate.action_labels(mode_config, instance)
-    labels = None if labels is None else jax.numpy.asarray(labels[0])
+    labels = labels_of(mode_config, instance)
     started = time.perf_counter()
     step = jax.jit(lambda instance, labels, params, key, state, mode_config=mode_config:
                    simulate.run_rounds(mode_config, instance, params, key, state, window,

@@ -1245,21 +1245,13 @@ def memory_mode(args) -> None:
                    case.latent_dim)
   # Bradley-Terry rows: context, user (int32), slate (2 x int32), outcome (1 x int32), mask (bool).
   data_row = 4 + 4 + 2 * 4 + 1 * 4 + 1
-  n_candidates = simulate.regret_candidates(simulate.SimulationConfig(), a)
-  d = case.dim
-  from jaxbandit import metrics
-
-  if simulate.resolve_regret_evaluation(simulate.SimulationConfig()) == "certified":
-    regret_state = ("certified cells C x U x (2 + d)", c * u * (8 + 4 * d),
-                    f"value and radius float32, anchor query (d={d} float32)")
-  else:
-    candidate_bytes = np.dtype(metrics.candidate_dtype(a)).itemsize
-    anchor_bytes = np.dtype(metrics.ANCHOR_DTYPE).itemsize
-    regret_state = ("regret cache C x U x (K + 1 + d)",
-                    c * u * (4 + candidate_bytes * n_candidates + anchor_bytes * d),
-                    f"K={n_candidates} {np.dtype(metrics.candidate_dtype(a)).name} candidates, "
-                    f"radius float32, anchor query (d={d} "
-                    f"{np.dtype(metrics.ANCHOR_DTYPE).name})")
+  # The regret pass's state as the kernel carries it ('auto' on this backend), read
+  # off a fresh state rather than re-derived from its layout.
+  regret_state = simulate.init_state(simulate.SimulationConfig(), instance).regret_cache
+  regret_state = (f"regret state ({type(regret_state).__name__})",
+                  sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(regret_state)),
+                  ", ".join(f"{name} {leaf.dtype} {tuple(leaf.shape)}"
+                            for name, leaf in regret_state._asdict().items()))
   record = 8 * 4 + 1  # eight 4-byte fields and the bool converged flag
   items = [
       ("data buffer (horizon rows)", data_row * horizon, f"{data_row} B per row"),
@@ -1286,7 +1278,7 @@ def memory_mode(args) -> None:
   for batching in ("map", "vmap"):  # the package's own pre-run check
     config, _ = simulation_config(dataclasses.replace(case, seed_batching=batching))
     package = simulate.estimate_memory_bytes(config, 1, u, c, a, m * q, n_seeds, horizon,
-                                             n_solver=(m * q)**2 + 2 * m * q, n_factors=d)
+                                             n_solver=(m * q)**2 + 2 * m * q, n_factors=case.dim)
     rows.append({"item": f"simulate.estimate_memory_bytes ({batching}, one chunk)",
                  "per_seed": "-", "mib": package["total"] / mib,
                  "note": ", ".join(f"{k} {v / mib:,.0f}" for k, v in package.items()
