@@ -5,6 +5,7 @@ Usage::
     python benchmarks/attribution.py                       # t = 500, 2000, 4000; ~6 min
     python benchmarks/attribution.py --rounds-at 2000 --repeats 20 --out results/bench
     python benchmarks/attribution.py --regret-modes        # 'full' against 'certified'
+    python benchmarks/attribution.py --gradient-modes      # erm_gradient 'xla' against 'native'
 
     # one core, one XLA thread (as each host device of a two-core run):
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
@@ -39,7 +40,12 @@ native kernel re-scoring only the cells whose greedy action may have
 changed): each mode keeps its own state, both advanced to each ``t``, and the
 table adds the cells re-scored a round. The pieces above are measured on the
 kernel as ``'auto'`` resolves (``'certified'`` on a CPU with the native
-kernel, whose pass the regret variants then replace).
+kernel, whose pass the regret variants then replace). ``--gradient-modes``
+compares the ERM's gradient passes the same way (``erm_gradient`` ``'xla'``,
+the per-user sums and the cell table, against ``'native'``, the C++ row
+loop); there the records differ by the rounding of the sums, and the table
+says how far: the largest difference in the round's regret, and the rounds
+whose context, user or converged flag differ.
 
 Each variant is one ``run_rounds`` scan of ``--window`` rounds for one seed
 of the paper-users instance at U = 100 (benchmark ``Case`` defaults, horizon
@@ -273,11 +279,12 @@ def measure(rounds_at, repeats: int, window: int):
 
 
 def compare_regret_modes(rounds_at, repeats: int, window: int,
-                         modes=("full", "certified")):
-  """The same seed's kernel with each ``regret_evaluation`` of ``modes``: every mode's
-  state is advanced to each round ``t`` by its own kernel, then the modes run the same
-  window in turn, ``repeats`` times. Rows as :func:`measure`'s, ``variant`` the mode;
-  ``records`` compares every field but ``rescored_cells`` with the first mode's."""
+                         modes=("full", "certified"), field: str = "regret_evaluation"):
+  """The same seed's kernel with each value of the config ``field`` in ``modes``: every
+  mode's state is advanced to each round ``t`` by its own kernel, then the modes run the
+  same window in turn, ``repeats`` times. Rows as :func:`measure`'s, ``variant`` the mode;
+  ``records`` compares every field but ``rescored_cells`` with the first mode's, and
+  ``regret_diff`` is the largest difference in a round's regret from the first mode's."""
   import dataclasses
 
   import jax
@@ -287,7 +294,7 @@ def compare_regret_modes(rounds_at, repeats: int, window: int,
   instance, config, params, key = paper_seed(rounds_at, window)
   runs = []
   for mode in modes:
-    mode_config = dataclasses.replace(config, regret_evaluation=mode)
+    mode_config = dataclasses.replace(config, **{field: mode})
     labels = labels_of(mode_config, instance)
     started = time.perf_counter()
     step = jax.jit(lambda instance, labels, params, key, state, mode_config=mode_config:
@@ -321,16 +328,19 @@ def compare_regret_modes(rounds_at, repeats: int, window: int,
       same = all(np.array_equal(np.asarray(getattr(first, f)), np.asarray(getattr(records[mode], f)))
                  for f in first._fields if f not in skip)
       median = float(np.median(times[mode]))
+      regret_diff = float(np.max(np.abs(np.asarray(first.regret, np.float64) -
+                                        np.asarray(records[mode].regret, np.float64))))
       rows.append({
-          "t": done, "window": window, "variant": mode,
+          "t": done, "window": window, "variant": mode, "regret_diff": regret_diff,
           "ms_min": float(np.min(times[mode])), "ms_median": median,
           "delta_ms": median - base, "share_pct": 100.0 * (median - base) / base,
           "records": "same" if same else "DIFFER",
-          "erm_steps": float(np.mean(np.asarray(first.erm_iterations))),
+          "erm_steps": float(np.mean(np.asarray(records[mode].erm_iterations))),
           "rescored": float(np.mean(np.asarray(records[mode].rescored_cells))),
           "load1": f"{load_before:.1f}-{bench.load1():.1f}",
       })
-    print(bench.format_table([r for r in rows if r["t"] == done], MODE_COLUMNS), flush=True)
+    print(bench.format_table([r for r in rows if r["t"] == done], mode_columns(field)),
+          flush=True)
   return rows
 
 
@@ -341,12 +351,14 @@ COLUMNS = [  # (title, key), as benchmarks/run.py's tables
 ]
 
 
-MODE_COLUMNS = [
-    ("t", "t"), ("regret_evaluation", "variant"), ("ms/round min", "ms_min"),
-    ("median", "ms_median"), ("median - first", "delta_ms"), ("% of first", "share_pct"),
-    ("records", "records"), ("cells re-scored", "rescored"), ("ERM steps", "erm_steps"),
-    ("load1", "load1"),
-]
+def mode_columns(field: str):
+  """The table of :func:`compare_regret_modes` for the config ``field`` compared."""
+  return [
+      ("t", "t"), (field, "variant"), ("ms/round min", "ms_min"),
+      ("median", "ms_median"), ("median - first", "delta_ms"), ("% of first", "share_pct"),
+      ("records", "records"), ("max regret diff", "regret_diff"),
+      ("cells re-scored", "rescored"), ("ERM steps", "erm_steps"), ("load1", "load1"),
+  ]
 
 
 def parse_args(argv=None):
@@ -359,7 +371,12 @@ def parse_args(argv=None):
   p.add_argument("--regret-modes", action="store_true",
                  help="instead of the pieces: the kernel with regret_evaluation 'full' against "
                       "'certified' (writes regret_modes.csv/json)")
+  p.add_argument("--gradient-modes", action="store_true",
+                 help="instead of the pieces: the kernel with erm_gradient 'xla' against "
+                      "'native' (writes gradient_modes.csv/json)")
   args = p.parse_args(argv)
+  if args.regret_modes and args.gradient_modes:
+    raise SystemExit("--regret-modes and --gradient-modes: give one of them")
   args.rounds_at = [int(v) for v in args.rounds_at.split(",")]
   for t in args.rounds_at:
     if t < 0 or t % args.window:
@@ -375,11 +392,17 @@ def main(argv=None) -> None:
   from jaxbandit.simulate import one_blas_thread
 
   started = time.time()
-  name, columns = ("regret_modes", MODE_COLUMNS) if args.regret_modes else ("attribution",
-                                                                             COLUMNS)
+  name, columns = "attribution", COLUMNS
+  if args.regret_modes:
+    name, columns = "regret_modes", mode_columns("regret_evaluation")
+  elif args.gradient_modes:
+    name, columns = "gradient_modes", mode_columns("erm_gradient")
   with one_blas_thread():
     if args.regret_modes:
       rows = compare_regret_modes(args.rounds_at, args.repeats, args.window)
+    elif args.gradient_modes:
+      rows = compare_regret_modes(args.rounds_at, args.repeats, args.window,
+                                  modes=("xla", "native"), field="erm_gradient")
     else:
       rows = measure(args.rounds_at, args.repeats, args.window)
   print()

@@ -75,6 +75,10 @@ Analytic floating-point operations (known-heads learner, Bradley-Terry):
         (utilities 2Kd, sum_k grad_k a_k 2Kd, the add to the cell d; the
         cells' queries and the (d, C) @ (C, U d) product 2 C U d^2 each);
         the chord and quasi-Newton steps' gradients use it, H(n) does not
+      in its native form (erm_gradient='native'; n = the rows filled, t)
+                        G_n(n) = n (4d^2 + 4Kd) + 2 U m q
+        (per row the query W_i^T x 2d^2, utilities 2Kd, sum_k grad_k a_k
+        2Kd, x (outer) D added to G_i 2d^2; the user vectors once)
     ERM gradient+Hessian  H(n) = G(n) + n (2K^2 q + 2K q^2 + q^2) + 2 m^2 U q^2
         (per-datum F^T W F, segment sums into S_i, and the (m^2 x U) @ (U x q^2)
         product that assembles sum_i e_i e_i^T kron S_i)
@@ -156,6 +160,7 @@ class Case:
   seed_batching: str = "auto"
   regret_evaluation: str = "auto"
   erm_hessian: str = "carried"
+  erm_gradient: str = "auto"
   reference_seeds: int = 1
   n_devices: int = 1  # host devices the seeds are split over (one per core: every core)
 
@@ -204,7 +209,8 @@ def simulation_config(case: Case):
   base = preset.simulation_config()
   return dataclasses.replace(base, horizon=case.horizon, seed_batching=case.seed_batching,
                              regret_evaluation=case.regret_evaluation,
-                             erm_hessian=case.erm_hessian), preset
+                             erm_hessian=case.erm_hessian,
+                             erm_gradient=case.erm_gradient), preset
 
 
 # ---------------------------------------------------------------------------
@@ -212,9 +218,13 @@ def simulation_config(case: Case):
 # ---------------------------------------------------------------------------
 
 
-def gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table=None):
+def gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table=None, native_d=None):
   """Analytic flops of one ERM gradient over ``n_buffer`` rows (the module docstring's
-  G(n)); with ``cell_table = (n_contexts, d)`` the cell-table form's G_c(n)."""
+  G(n)); with ``cell_table = (n_contexts, d)`` the cell-table form's G_c(n); with
+  ``native_d = d`` the native form's G_n(n)."""
+  if native_d is not None:
+    d = native_d
+    return n_buffer * (4 * d * d + 4 * slate_size * d) + 2 * n_users * m * q
   if cell_table is not None:
     n_contexts, d = cell_table
     return (n_buffer * (4 * slate_size * d + d) + 2 * n_users * m * q +
@@ -223,16 +233,16 @@ def gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table=None):
 
 
 def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps,
-              cell_table=None):
+              cell_table=None, native_d=None):
   """Analytic flops of one warm-started refit (see the module docstring).
 
   ``iterations`` may be an array (one refit each); returns the same shape.
-  ``cell_table``: as in :func:`gradient_flops` (the chord steps' gradients).
+  ``cell_table``, ``native_d``: as in :func:`gradient_flops` (the chord steps' gradients).
   """
   iterations = np.asarray(iterations, np.float64)
   k = slate_size
   p = m * q
-  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table)
+  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table, native_d)
   per_user_gradient = gradient_flops(n_buffer, n_users, q, m, slate_size)
   gradient_hessian = (per_user_gradient + n_buffer * (2 * k * k * q + 2 * k * q * q + q * q) +
                       2 * m * m * n_users * q * q)
@@ -244,7 +254,8 @@ def erm_flops(n_buffer, n_users, q, m, slate_size, iterations, max_chord_steps,
   return gradient + hessians * newton + (iterations - hessians) * chord
 
 
-def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations, cell_table=None):
+def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations, cell_table=None,
+                      native_d=None):
   """Analytic flops of one refit with ``erm_hessian='carried'`` (a lower bound).
 
   Per refit: the Woodbury update for the new observation (``K`` columns:
@@ -252,11 +263,12 @@ def carried_erm_flops(n_buffer, n_users, q, m, slate_size, iterations, cell_tabl
   carried gradient and its direction ``P g``; per quasi-Newton step a gradient, the direction ``P g`` (2P^2) and
   the BFGS update (``P y`` 2P^2, three outer products 6P^2). The occasional
   refresh of the inverse (a Hessian, a Cholesky and an inverse) is not
-  recorded per round and not counted. ``cell_table``: as in :func:`gradient_flops`.
+  recorded per round and not counted. ``cell_table``, ``native_d``: as in
+  :func:`gradient_flops`.
   """
   iterations = np.asarray(iterations, np.float64)
   k, p = slate_size, m * q
-  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table)
+  gradient = gradient_flops(n_buffer, n_users, q, m, slate_size, cell_table, native_d)
   woodbury = 4.0 * k * p * p
   start = 2.0 * (k + m) * q + 2.0 * p * p  # the new row's gradient term, P g
   step = gradient + 2.0 * p * p + 8.0 * p * p
@@ -321,12 +333,16 @@ def flops_per_seed_round(case: Case, records, config, visited_actions=None) -> d
   blocks = config.erm_block_size if simulate.uses_erm_blocks(config) else None
   cell_table = ((case.n_contexts, d) if learners.cell_table_applies(
       case.n_contexts, case.n_users, d, simulate.buffer_capacity(config), blocks) else None)
+  native_d = None
+  if simulate.resolve_erm_gradient(config) == "native":
+    native_d, cell_table = d, None
+    rows = np.minimum(rounds, simulate.buffer_capacity(config))  # the filled rows exactly
   if config.erm_hessian == "carried":
     erm = carried_erm_flops(rows, case.n_users, q, m, config.slate_size,
-                            np.asarray(records.erm_iterations), cell_table)
+                            np.asarray(records.erm_iterations), cell_table, native_d)
   else:
     erm = erm_flops(rows, case.n_users, q, m, config.slate_size,
-                    np.asarray(records.erm_iterations), max_chord, cell_table)
+                    np.asarray(records.erm_iterations), max_chord, cell_table, native_d)
   return {
       "regret_flops": float(regret.mean()),
       "erm_flops": float(erm.mean()),
@@ -423,6 +439,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
       "case": dataclasses.asdict(case),
       "batching": simulate.resolve_batching(config),
       "regret_evaluation": simulate.resolve_regret_evaluation(config),
+      "erm_gradient": simulate.resolve_erm_gradient(config),
       "accepted_problem_seed": int(accepted_seed),
       "compile_seconds": compile_seconds,
       "run_seconds": run_seconds,
@@ -584,6 +601,7 @@ COLUMNS = [
     ("configuration", "configuration"),
     ("batching", "batching"),
     ("regret", "regret"),
+    ("gradient", "gradient"),
     ("C x A x U", "size"),
     ("seeds", "seeds"),
     ("horizon", "horizon"),
@@ -616,6 +634,7 @@ def make_row(jax_result: dict, reference: Optional[dict], matmul_gflops: float) 
       "configuration": case["label"],
       "batching": jax_result["batching"],
       "regret": jax_result["regret_evaluation"],
+      "gradient": jax_result.get("erm_gradient", "xla"),
       "size": f"{case['n_contexts']}x{case['n_actions']}x{case['n_users']}",
       "seeds": case["n_seeds"],
       "horizon": case["horizon"],
@@ -750,6 +769,8 @@ def table_cases(args):
   if jax.default_backend() == "cpu":
     variants.insert(0, Case("map/certified", seed_batching="map", regret_evaluation="certified",
                             **variant_sizes))
+    variants.insert(1, Case("map/certified/xla-gradient", seed_batching="map",
+                            regret_evaluation="certified", erm_gradient="xla", **variant_sizes))
   variants.append(Case("map/full/fresh-hessian", seed_batching="map", regret_evaluation="full",
                        erm_hessian="fresh", **variant_sizes))
   if (main.n_seeds, main.horizon) == (args.variant_seeds, args.variant_horizon):
@@ -758,7 +779,8 @@ def table_cases(args):
         seed_batching=main.seed_batching))
     auto_batching = "map" if jax.default_backend() == "cpu" else "vmap"
     variants = [v for v in variants if (v.seed_batching, v.regret_evaluation) !=
-                (auto_batching, auto) or v.erm_hessian != "carried"]
+                (auto_batching, auto) or v.erm_hessian != "carried" or
+                v.erm_gradient != "auto"]
   return main, every_core + variants
 
 

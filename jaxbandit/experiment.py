@@ -46,7 +46,8 @@ class ExperimentConfig:
     eps0: threshold of the bad-round count N_eps0 (None: eps_iso of each instance).
     first_seed: seed ids are first_seed .. first_seed + n_seeds - 1.
     seed_batching, regret_evaluation, rescore_budget, regret_candidates,
-      data_layout, erm_block_size, erm_hessian: see :class:`simulate.SimulationConfig`.
+      data_layout, erm_block_size, erm_hessian, erm_gradient: see
+      :class:`simulate.SimulationConfig`.
     instance_file: a ``.npz`` holding a user-supplied instance (arrays
       ``contexts``, ``actions``, ``maps``, ``heads`` and optionally
       ``reward_scale``, ``context_weights``, ``user_weights``,
@@ -90,6 +91,7 @@ class ExperimentConfig:
   data_layout: str = "buffer"
   erm_block_size: int = 256
   erm_hessian: str = "carried"
+  erm_gradient: str = "auto"
   instance_file: Optional[str] = None
 
   def simulation_config(self) -> sim.SimulationConfig:

@@ -368,6 +368,48 @@ def _cell_table_user_gradient(model, choice_model, params, data, block_size, n_r
   return stats.reshape(d, n_users, d).transpose(1, 0, 2).reshape(n_users, d * d)
 
 
+def native_gradient_applies(model: ModelClass, slate_size: int) -> bool:
+  """Whether :func:`native_user_gradient` handles ``model`` (static): outer-product
+  features of at most 16 factors, slates of at most 16 actions."""
+  if model.outer_factors is None:
+    return False
+  return model.outer_factors[1].shape[-1] <= 16 and slate_size <= 16
+
+
+def native_user_gradient(model, params, data: ChoiceData, n_rows=None):
+  """Per-user gradient statistics G_i (U, d^2) from the native kernel (CPU only).
+
+  The same statistics as :func:`_per_user_gradient` and
+  :func:`_cell_table_user_gradient` for outer-product features and any
+  Plackett-Luce choice model: per row the query ``W_i^T x``, the slate's
+  utilities, their gradient and ``x (outer) D`` added to the user's statistic,
+  summed in float32 vectors for Bradley-Terry pairs of up to 8 factors, in float64
+  otherwise (``csrc/user_gradient.cc``). It visits the first ``n_rows`` rows
+  (all when None) and nothing per cell, so a call costs O(rows) with almost no
+  fixed part. Tracing it builds and registers the native kernels if needed
+  (:func:`jaxbandit.native.status`) and raises ValueError where they cannot run.
+  """
+  from jaxbandit import native
+
+  status = native.status()
+  if not status.available:
+    raise ValueError(f"the native gradient needs the native CPU kernels, which are not "
+                     f"available: {status.reason}")
+
+  contexts, actions = model.outer_factors
+  n_users = model.embedding.shape[0]
+  d = actions.shape[-1]
+  capacity = data.contexts.shape[0]
+  rows = capacity if n_rows is None else n_rows
+  gradient = jax.ffi.ffi_call(native.GRADIENT_TARGET,
+                              jax.ShapeDtypeStruct((n_users, d * d), jnp.float32),
+                              vmap_method="sequential")
+  return gradient(user_vectors(model, params).astype(jnp.float32), contexts.astype(jnp.float32),
+                  actions.astype(jnp.float32), data.contexts, data.users, data.slates,
+                  data.outcomes, data.mask.astype(jnp.float32),
+                  jnp.asarray(rows, jnp.int32)).astype(params.dtype)
+
+
 def _user_statistics(model, choice_model, params, data):
   """Per-user sufficient statistics of the current iterate: G_i (U, q) and S_i (U, q, q)."""
   features, utilities = _data_utilities(model, params, data)
@@ -461,7 +503,7 @@ class _SolverState(NamedTuple):
 
 
 def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, dtype,
-                         cell_table_from=None):
+                         cell_table_from=None, native_gradient=False):
   """``(objective, gradient, gradient_hessian)`` of the penalised loss over ``data``.
 
   With ``block_size`` the sums visit only the first ``n_rows`` rows, a block
@@ -472,11 +514,17 @@ def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, d
   query, the table cleared and multiplied by the contexts) outweighs its
   saving per row until there are about that many rows. The choice is a
   ``lax.cond`` on ``n_rows``, so it is only worth making where ``n_rows`` is
-  not batched (under ``vmap`` both branches would run).
+  not batched (under ``vmap`` both branches would run). ``native_gradient``
+  (static) takes the gradient from :func:`native_user_gradient` instead, for
+  the classes it handles.
   """
+  native = native_gradient and native_gradient_applies(model, data.slates.shape[-1])
   if block_size is None:
     objective = lambda p: _objective(model, choice_model, p, data, ridge)
-    gradient = lambda p: _gradient(model, choice_model, p, data, ridge)
+    if native:
+      gradient = lambda p: _assemble(model, p, ridge, native_user_gradient(model, p, data))
+    else:
+      gradient = lambda p: _gradient(model, choice_model, p, data, ridge)
     gradient_hessian = lambda p: _gradient_hessian(model, choice_model, p, data, ridge)
     return objective, gradient, gradient_hessian
   n_users, q = model.embedding.shape[0], model.features.shape[-1]
@@ -497,7 +545,9 @@ def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, d
     return _cell_table_user_gradient(model, choice_model, p, data, block_size, n_rows)
 
   def gradient(p):
-    if not _uses_cell_table(model, data, block_size):
+    if native:
+      user_grad = native_user_gradient(model, p, data, n_rows)
+    elif not _uses_cell_table(model, data, block_size):
       user_grad = per_user(p)
     elif cell_table_from is None:
       user_grad = cell_table(p)
@@ -599,7 +649,8 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
             data: ChoiceData, ridge, *, tol: float = 1e-12, max_iterations: int = 30,
             max_chord_steps: int = 6, max_backtracks: int = 20,
             block_size: Optional[int] = None, n_rows=None,
-            cell_table_from: Optional[int] = None) -> ERMResult:
+            cell_table_from: Optional[int] = None,
+            native_gradient: bool = False) -> ERMResult:
   """Exact ERM: the minimiser of the penalised negative log-likelihood of all data.
 
   Each outer iteration evaluates the Hessian at the current iterate, takes a
@@ -631,13 +682,16 @@ def fit_erm(model: ModelClass, choice_model: ChoiceModel, params_init: jax.Array
     cell_table_from: with ``block_size``, the rows from which an
       outer-product class's gradient goes through the cell table (static;
       None: whenever the buffer is large enough; see :func:`_objective_functions`).
+    native_gradient: take the gradient from the native kernel
+      (:func:`native_user_gradient`; static; CPU only, the kernel registered)
+      for the classes it handles; Hessians stay in XLA.
 
   Returns:
     An :class:`ERMResult`; never raises inside ``jit``.
   """
   ridge, damping, threshold = _setup(params_init, data, ridge, tol)
   functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
-                                   params_init.dtype, cell_table_from)
+                                   params_init.dtype, cell_table_from, native_gradient)
   state = _newton(model, functions, params_init, functions[1](params_init), jnp.inf,
                   threshold, damping, max_iterations=max_iterations,
                   max_chord_steps=max_chord_steps, max_backtracks=max_backtracks)
@@ -815,7 +869,8 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
                     carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
                     tol: float = 1e-12, max_iterations: int = 30, max_chord_steps: int = 8,
                     max_backtracks: int = 20, block_size: Optional[int] = None,
-                    n_rows=None, cell_table_from: Optional[int] = None):
+                    n_rows=None, cell_table_from: Optional[int] = None,
+                    native_gradient: bool = False):
   """Exact ERM warm-started at ``params_init``, preconditioned by a carried inverse Hessian.
 
   The same minimiser and the same stopping rule as :func:`fit_erm`
@@ -841,7 +896,8 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
 
   Args:
     model, choice_model, params_init, data, ridge, tol, max_iterations,
-      max_backtracks, block_size, n_rows: as in :func:`fit_erm` (``data``
+      max_backtracks, block_size, n_rows, cell_table_from, native_gradient: as in
+      :func:`fit_erm` (``data``
       already holds the new observation).
     max_chord_steps: most quasi-Newton steps before the Newton fallback, and
       the fallback's chord steps per Hessian (static).
@@ -856,7 +912,8 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
   Returns:
     ``(ERMResult, HessianCarry)``; never raises inside ``jit``.
   """
-  blocks = dict(block_size=block_size, n_rows=n_rows, cell_table_from=cell_table_from)
+  blocks = dict(block_size=block_size, n_rows=n_rows, cell_table_from=cell_table_from,
+                native_gradient=native_gradient)
   fit = carried_quasi_newton(model, choice_model, params_init, carry, data, new_observation,
                              ridge, tol=tol, max_chord_steps=max_chord_steps, **blocks)
   fit = carried_fallback(model, choice_model, fit, data, ridge, max_iterations=max_iterations,
@@ -870,11 +927,12 @@ def carried_quasi_newton(model: ModelClass, choice_model: ChoiceModel, params_in
                          carry: HessianCarry, data: ChoiceData, new_observation, ridge, *,
                          tol: float = 1e-12, max_chord_steps: int = 8,
                          block_size: Optional[int] = None, n_rows=None,
-                         cell_table_from: Optional[int] = None) -> CarriedFit:
+                         cell_table_from: Optional[int] = None,
+                         native_gradient: bool = False) -> CarriedFit:
   """Steps 1-2 of :func:`fit_erm_carried`: the Woodbury update and the quasi-Newton steps."""
   ridge, _, threshold = _setup(params_init, data, ridge, tol)
   _, gradient, _ = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
-                                        params_init.dtype, cell_table_from)
+                                        params_init.dtype, cell_table_from, native_gradient)
   inverse = jnp.where(carry.valid,
                       add_observation(model, choice_model, carry.inverse, params_init,
                                       *new_observation), carry.inverse)
@@ -923,13 +981,14 @@ def carried_fallback(model: ModelClass, choice_model: ChoiceModel, fit: CarriedF
                      data: ChoiceData, ridge, *, max_iterations: int = 30,
                      max_chord_steps: int = 8, max_backtracks: int = 20,
                      block_size: Optional[int] = None, n_rows=None,
-                     cell_table_from: Optional[int] = None) -> CarriedFit:
+                     cell_table_from: Optional[int] = None,
+                     native_gradient: bool = False) -> CarriedFit:
   """Steps 3-4 of :func:`fit_erm_carried`: where ``fit.needs_newton``, damped Newton
   from the quasi-Newton iterate, then a fresh inverse at the solution; elsewhere
   ``fit`` unchanged (both loops make no trip)."""
   ridge, damping, _ = _setup(fit.params, data, ridge, 1.0)
   functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
-                                   fit.params.dtype, cell_table_from)
+                                   fit.params.dtype, cell_table_from, native_gradient)
   _, _, gradient_hessian = functions
   state = _newton(model, functions, fit.params, fit.grad,
                   jnp.where(fit.needs_newton, jnp.inf, fit.decrement), fit.threshold, damping,
@@ -1038,12 +1097,15 @@ def score_keys(model: ModelClass) -> jax.Array:
 
 
 def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1e-12,
-                 max_iterations: int = 30, cell_table_from: Optional[int] = None) -> Learner:
+                 max_iterations: int = 30, cell_table_from: Optional[int] = None,
+                 native_gradient: bool = False) -> Learner:
   """Greedy exact-ERM learner over a convex :class:`ModelClass`.
 
   ``cell_table_from`` (rows, or None) is passed to every blocked refit (see
   :func:`_objective_functions`); give it only where the row count is not
-  batched.
+  batched. ``native_gradient`` takes every refit's gradient from the native
+  kernel (:func:`native_user_gradient`) where the class allows it; the caller
+  makes sure the kernel is registered and the backend is the CPU.
   """
   V.positive_float("tol", tol)
   V.positive_int("max_iterations", max_iterations)
@@ -1057,22 +1119,26 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
   def fit(params, data, ridge, block_size=None, n_rows=None):
     return fit_erm(model, choice_model, params, data, ridge, tol=tol,
                    max_iterations=max_iterations, block_size=block_size, n_rows=n_rows,
-                   cell_table_from=cell_table_from)
+                   cell_table_from=cell_table_from,
+                   native_gradient=native_gradient)
 
   def fit_carried(params, carry, data, new_observation, ridge, block_size=None, n_rows=None):
     return fit_erm_carried(model, choice_model, params, carry, data, new_observation, ridge,
                            tol=tol, max_iterations=max_iterations, block_size=block_size,
-                           n_rows=n_rows, cell_table_from=cell_table_from)
+                           n_rows=n_rows, cell_table_from=cell_table_from,
+                   native_gradient=native_gradient)
 
   def start(params, carry, data, new_observation, ridge, block_size=None, n_rows=None):
     return carried_quasi_newton(model, choice_model, params, carry, data, new_observation,
                                 ridge, tol=tol, block_size=block_size, n_rows=n_rows,
-                                cell_table_from=cell_table_from)
+                                cell_table_from=cell_table_from,
+                   native_gradient=native_gradient)
 
   def fallback(fit, data, ridge, block_size=None, n_rows=None):
     return carried_fallback(model, choice_model, fit, data, ridge,
                             max_iterations=max_iterations, block_size=block_size,
-                            n_rows=n_rows, cell_table_from=cell_table_from)
+                            n_rows=n_rows, cell_table_from=cell_table_from,
+                   native_gradient=native_gradient)
 
   return Learner(init, fit, lambda params: scores(model, params),
                  lambda params, context, user: cell_scores(model, params, context, user),

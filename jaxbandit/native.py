@@ -1,12 +1,18 @@
-"""The package's native CPU kernel, built on first use.
+"""The package's native CPU kernels, built on first use.
 
-One XLA custom call (JAX's FFI) backs ``regret_evaluation='certified'``: it
-re-scores the cells whose certificate has lapsed (``csrc/certified_rescan.cc``;
-see :func:`jaxbandit.metrics.certified_cell_values`). It is C++ because the
-work it saves is a branch per cell, which XLA's fused loops cannot take.
+Two XLA custom calls (JAX's FFI), compiled into one library:
 
-The source ships with the package and is compiled the first time a process
-asks for it, with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``
+* ``regret_evaluation='certified'`` re-scores the cells whose certificate has
+  lapsed (``csrc/certified_rescan.cc``; see
+  :func:`jaxbandit.metrics.certified_cell_values`). It is C++ because the work
+  it saves is a branch per cell, which XLA's fused loops cannot take.
+* ``erm_gradient='native'`` sums the exact ERM's per-user gradient statistics
+  over the data rows (``csrc/user_gradient.cc``; see
+  :func:`jaxbandit.learners.native_user_gradient`) with no pass over every
+  cell, which XLA's gathers and scatters make costly.
+
+The sources ship with the package and are compiled the first time a process
+asks for them, with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``
 or ``clang++``) against the FFI headers jaxlib installs
 (``jax.ffi.include_dir()``), for this CPU (``-march=native``). The library is
 kept under ``$JAXBANDIT_CACHE_DIR/native`` (default ``~/.cache/jaxbandit/native``),
@@ -14,9 +20,10 @@ named by a hash of the source, the compiler, its flags, jax's version and the
 CPU, so a second process loads it in milliseconds. Compiling takes about 4 s.
 
 Where it cannot be built (no compiler, headers missing, a failed compile) or
-``JAXBANDIT_NATIVE=0`` is set, :func:`status` says why and
-``regret_evaluation='auto'`` uses the XLA pass (``'full'``) instead; asking
-for ``'certified'`` explicitly is then an error before anything compiles.
+``JAXBANDIT_NATIVE=0`` is set, :func:`status` says why and the ``'auto'``
+settings use the XLA passes (``regret_evaluation='full'``,
+``erm_gradient='xla'``) instead; asking for a native one explicitly is then an
+error before anything compiles.
 """
 
 from __future__ import annotations
@@ -34,18 +41,21 @@ import threading
 from typing import NamedTuple, Optional
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "certified_rescan.cc"
+GRADIENT_SOURCE = SOURCE.parent / "user_gradient.cc"
+SOURCES = (SOURCE, GRADIENT_SOURCE)
 TARGET = "jaxbandit_certified_rescan"
-_SYMBOL = "JaxbanditCertifiedRescan"
+GRADIENT_TARGET = "jaxbandit_user_gradient"
+_SYMBOLS = {TARGET: "JaxbanditCertifiedRescan", GRADIENT_TARGET: "JaxbanditUserGradient"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared")
 _LOCK = threading.Lock()
 _REGISTERED = {}  # library path -> the loaded library, registered with JAX once
 
 
 class Status(NamedTuple):
-  """Whether the native kernel is registered with JAX, and if not, why not.
+  """Whether the native kernels are registered with JAX, and if not, why not.
 
   Attributes:
-    available: the custom call ``TARGET`` is registered for the CPU.
+    available: the custom calls ``TARGET`` and ``GRADIENT_TARGET`` are registered for the CPU.
     reason: what failed, or the library's path when available.
   """
 
@@ -85,7 +95,7 @@ def _build(compiler: str, include: str, library: pathlib.Path) -> None:
   handle, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
   os.close(handle)
   try:
-    command = [compiler, *_FLAGS, "-isystem", include, str(SOURCE), "-o", partial]
+    command = [compiler, *_FLAGS, "-isystem", include, *map(str, SOURCES), "-o", partial]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
       raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
@@ -96,14 +106,14 @@ def _build(compiler: str, include: str, library: pathlib.Path) -> None:
 
 
 def disabled() -> bool:
-  """Whether ``JAXBANDIT_NATIVE`` turns the native kernel off (``0``, ``false``, ``no``, ``off``)."""
+  """Whether ``JAXBANDIT_NATIVE`` turns the native kernels off (``0``, ``false``, ``no``, ``off``)."""
   return os.environ.get("JAXBANDIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def build_and_register(compiler: Optional[str] = None,
                        directory: Optional[pathlib.Path] = None) -> Status:
-  """Compiles the kernel if its library is not in ``directory`` (default :func:`cache_dir`)
-  and registers it with JAX; never raises. ``compiler``: default :func:`_compiler`'s."""
+  """Compiles the kernels if their library is not in ``directory`` (default :func:`cache_dir`)
+  and registers them with JAX; never raises. ``compiler``: default :func:`_compiler`'s."""
   with _LOCK:
     try:
       import jax
@@ -117,7 +127,7 @@ def build_and_register(compiler: Optional[str] = None,
     if not (pathlib.Path(include) / "xla" / "ffi" / "api" / "ffi.h").exists():
       return Status(False, f"jaxlib's FFI headers are missing under {include}")
     fingerprint = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(),
+    for part in (*(source.read_bytes() for source in SOURCES), compiler.encode(), " ".join(_FLAGS).encode(),
                  include.encode(), jax.__version__.encode(), _cpu().encode()):
       fingerprint.update(part)
       fingerprint.update(b"\0")
@@ -128,11 +138,12 @@ def build_and_register(compiler: Optional[str] = None,
         _build(compiler, include, library)
       if str(library) not in _REGISTERED:
         loaded = ctypes.cdll.LoadLibrary(str(library))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(loaded, _SYMBOL)),
-                                    platform="cpu")
+        for target, symbol in _SYMBOLS.items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)),
+                                      platform="cpu")
         _REGISTERED[str(library)] = loaded  # referenced for the life of the process
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
-      return Status(False, f"the native kernel could not be built or loaded: {error}")
+      return Status(False, f"the native kernels could not be built or loaded: {error}")
     return Status(True, str(library))
 
 
@@ -142,8 +153,8 @@ def _built() -> Status:
 
 
 def status() -> Status:
-  """Whether the kernel can run in this process, building and registering it the first
-  time it is asked (once per machine: about 4 s); never raises."""
+  """Whether the kernels can run in this process, building and registering them the first
+  time it is asked (once per machine: about 5 s); never raises."""
   if disabled():
     return Status(False, "disabled by JAXBANDIT_NATIVE=0")
   return _built()

@@ -115,6 +115,15 @@ class SimulationConfig:
       ``learners.fit_erm_carried``) or 'fresh' (every refit evaluates and
       factors the Hessian at its warm start, ``learners.fit_erm``). Both meet
       the same tolerance; 'carried' adds one p x p matrix per seed to the state.
+    erm_gradient: how the refit's gradient passes over the data are summed:
+      'xla' (XLA operations: per user while the rows are few, then through a
+      (context, user) cell table, see ``erm_block_size``), 'native' (CPU only:
+      a C++ kernel that visits each row once and nothing per cell,
+      ``learners.native_user_gradient``; for the outer-product model classes
+      ``known_heads``, ``pooled`` and ``per_user_bilinear``) or 'auto'
+      ('native' on the CPU where it applies and the native kernels build, else
+      'xla'). Both meet the same tolerance; the estimates differ by the
+      rounding of the sums (within the ERM's tolerance).
   """
 
   horizon: int = 1000
@@ -133,6 +142,7 @@ class SimulationConfig:
   data_layout: str = "buffer"
   erm_block_size: int = 256
   erm_hessian: str = "carried"
+  erm_gradient: str = "auto"
 
   def validate(self, n_actions: Optional[int] = None, min_support: Optional[int] = None):
     V.positive_int("horizon", self.horizon)
@@ -149,6 +159,7 @@ class SimulationConfig:
     V.one_of("data_layout", self.data_layout, ("buffer", "table"))
     V.non_negative_int("erm_block_size", self.erm_block_size)
     V.one_of("erm_hessian", self.erm_hessian, ("carried", "fresh"))
+    V.one_of("erm_gradient", self.erm_gradient, ("auto", "xla", "native"))
     V.boolean("record_kl", self.record_kl)
     if self.top_m is not None:
       V.positive_int("top_m", self.top_m)
@@ -255,7 +266,8 @@ def _components(config: SimulationConfig, instance: Instance):
   one_at_a_time = resolve_batching(config) == "map"
   learner = learners_lib.make_learner(
       model, choice_model, tol=config.erm_tol, max_iterations=config.erm_max_iterations,
-      cell_table_from=CELL_TABLE_FROM_ROWS if one_at_a_time else None)
+      cell_table_from=CELL_TABLE_FROM_ROWS if one_at_a_time else None,
+      native_gradient=resolve_erm_gradient(config) == "native")
   policy = policies_lib.make_slate_policy(config.slate_policy, config.slate_size)
   return choice_model, learner, policy
 
@@ -630,6 +642,40 @@ def resolve_regret_evaluation(config: SimulationConfig) -> str:
       raise ValueError(f"regret_evaluation='certified' needs the native CPU kernel, which is "
                        f"not available: {status.reason}; use 'auto' or 'full'")
   return config.regret_evaluation
+
+
+# The model classes whose features are outer products x (outer) a, which the
+# native gradient handles (learners.native_gradient_applies).
+NATIVE_GRADIENT_CLASSES = ("known_heads", "pooled", "per_user_bilinear")
+
+
+def resolve_erm_gradient(config: SimulationConfig) -> str:
+  """'native' or 'xla' for this configuration on the default backend.
+
+  'auto' is 'native' on the CPU for the outer-product model classes
+  (``NATIVE_GRADIENT_CLASSES``) when the native kernels are available
+  (:mod:`jaxbandit.native`), else 'xla'. An explicit 'native' that cannot run
+  is an error (raised here, before anything compiles).
+  """
+  applies = config.model_class in NATIVE_GRADIENT_CLASSES and config.slate_size <= 16
+  if config.erm_gradient == "auto":
+    if not applies or jax.default_backend() != "cpu" or not native.available():
+      return "xla"
+    return "native"
+  if config.erm_gradient == "native":
+    if not applies:
+      raise ValueError(f"erm_gradient='native' is not allowed for model_class="
+                       f"{config.model_class!r} with slate_size={config.slate_size}; allowed: "
+                       f"model_class in {NATIVE_GRADIENT_CLASSES} with slate_size <= 16, or "
+                       f"erm_gradient 'auto' or 'xla'")
+    if jax.default_backend() != "cpu":
+      raise ValueError(f"erm_gradient='native' runs on the CPU only (the default backend is "
+                       f"{jax.default_backend()!r}); use 'auto' or 'xla'")
+    status = native.status()
+    if not status.available:
+      raise ValueError(f"erm_gradient='native' needs the native CPU kernels, which are not "
+                       f"available: {status.reason}; use 'auto' or 'xla'")
+  return config.erm_gradient
 
 
 def uses_certified_regret(config: SimulationConfig, learner: learners_lib.Learner) -> bool:
@@ -1036,6 +1082,7 @@ def simulate(instances: Instance, config: SimulationConfig,
   n_actions = instances.actions.shape[-2]
   min_support = int(np.min(np.sum(np.asarray(instances.reference_policy) > 0, axis=-1)))
   config.validate(n_actions, min_support)
+  resolve_erm_gradient(config)  # an explicit 'native' that cannot run fails here
   V.instance_values(instances)
   V.positive_int("n_seeds", n_seeds)
   V.seed("master_seed", master_seed)

@@ -445,7 +445,7 @@ CELL_TABLE_PAIRS = [("known_heads", "bradley_terry"), ("per_user_bilinear", "pla
                     ("pooled", "multinomial_logit")]
 
 
-@pytest.mark.parametrize("cell_table_from", [None, 100, 200])
+@pytest.mark.parametrize("cell_table_from", [None, 100, 200, "native"])
 @pytest.mark.parametrize("model_name,choice_name", CELL_TABLE_PAIRS)
 def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, cell_table_from,
                                                    inst, rng):
@@ -454,10 +454,15 @@ def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, cell
   # the rows below n_rows whose mask is set, and ignore every other row. With
   # cell_table_from above n_rows (200) the per-user branch of the lax.cond
   # runs instead, at or below it (100) the table: the same gradient either way.
+  # "native": the C++ row loop (erm_gradient='native'; its Bradley-Terry
+  # vector path for known_heads, its float64 loop for the other two), which
+  # must ignore the same rows.
   model = L.make_model_class(model_name, inst)
   top_m, slate_size = CHOICES[choice_name]
   choice_model = C.get_choice_model(choice_name, top_m)
   compact = cached_data(choice_name)
+  native = cell_table_from == "native"
+  cell_table_from = None if native else cell_table_from
   block, n_rows, capacity = 16, 137, 160  # the last visited block ends at row 144
   fields = [np.array(field) for field in compact]
   garbage = [rng.integers(0, inst.n_contexts, capacity),
@@ -473,7 +478,8 @@ def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, cell
   assert L._uses_cell_table(model, buffer, block)
   theta = rng.normal(size=model.param_shape)
   _, gradient, _ = L._objective_functions(model, choice_model, buffer, 0.7, block,
-                                          jnp.asarray(n_rows), jnp.float32, cell_table_from)
+                                          jnp.asarray(n_rows), jnp.float32, cell_table_from,
+                                          native_gradient=native)
   got = np.asarray(jax.jit(gradient)(jnp.asarray(theta, jnp.float32)))
   live = np.zeros(capacity)
   live[:n_rows] = garbage[4][:n_rows]
@@ -484,6 +490,28 @@ def test_blocked_cell_table_gradient_matches_numpy(model_name, choice_name, cell
   # The rows it must ignore would have moved it.
   _, everything, _ = np_objective(design, garbage[3], np.ones(capacity), 0.7)(theta.ravel())
   assert np.abs(everything - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("choice_name", ["bradley_terry", "plackett_luce"])
+def test_native_gradient_is_finite_and_right_where_probabilities_saturate(choice_name, inst,
+                                                                          rng):
+  # Utilities in the thousands: every choice probability is 0 or 1 in float32,
+  # and exp overflows unless it is kept in range. The gradient must still be
+  # the NumPy one (float64, through logsumexp), with no NaN or inf; here over
+  # the whole buffer (no blocks, no n_rows).
+  model = L.make_model_class("known_heads", inst)
+  top_m, _ = CHOICES[choice_name]
+  data = cached_data(choice_name)
+  theta = 300.0 * rng.normal(size=model.param_shape)
+  design = np_design("known_heads", inst, data)
+  assert np.abs(design @ theta.ravel()).max() > 500.0
+  _, gradient, _ = L._objective_functions(model, C.get_choice_model(choice_name, top_m), data,
+                                          0.5, None, None, jnp.float32, native_gradient=True)
+  got = np.asarray(jax.jit(gradient)(jnp.asarray(theta, jnp.float32)))
+  assert np.all(np.isfinite(got))
+  _, expected, _ = np_objective(design, data.outcomes, np.ones(N_ROWS), 0.5)(theta.ravel())
+  np.testing.assert_allclose(got.ravel(), expected, rtol=1e-5,
+                             atol=1e-5 * np.abs(expected).max())
 
 
 def test_choice_data_write_fills_one_row():

@@ -1,7 +1,8 @@
-"""Tests of jaxbandit.native: building, caching and refusing the native CPU kernel.
+"""Tests of jaxbandit.native: building, caching and refusing the native CPU kernels.
 
-The kernel's results are checked against NumPy in tests/test_metrics.py (the
-certified pass) and against the fused XLA pass in tests/test_simulate.py.
+The kernels' results are checked against NumPy in tests/test_metrics.py (the
+certified pass) and tests/test_learners.py (the ERM gradient), and against
+the XLA passes in tests/test_simulate.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def test_the_kernel_builds_once_into_the_cache_and_registers():
   # Another process (the same source, compiler and CPU) loads the same file.
   assert native.build_and_register() == status
   assert S.resolve_regret_evaluation(CONFIG) == "certified"
+  assert S.resolve_erm_gradient(CONFIG) == "native"
+  # The gradient kernel applies to the outer-product classes only.
+  other = dataclasses.replace(CONFIG, model_class="known_directions")
+  assert S.resolve_erm_gradient(other) == "xla"
 
 
 def test_turned_off_by_the_environment(monkeypatch):
@@ -37,6 +42,9 @@ def test_turned_off_by_the_environment(monkeypatch):
   assert S.resolve_regret_evaluation(CONFIG) == "full"  # 'auto' falls back
   with pytest.raises(ValueError, match="needs the native CPU kernel.*JAXBANDIT_NATIVE=0"):
     S.resolve_regret_evaluation(dataclasses.replace(CONFIG, regret_evaluation="certified"))
+  assert S.resolve_erm_gradient(CONFIG) == "xla"
+  with pytest.raises(ValueError, match="erm_gradient='native' needs the native CPU kernels"):
+    S.resolve_erm_gradient(dataclasses.replace(CONFIG, erm_gradient="native"))
 
 
 def test_a_missing_or_failing_compiler_is_reported_not_raised(tmp_path):
@@ -60,7 +68,8 @@ def test_certified_with_the_kl_regret_is_refused_before_compiling():
       "full"
 
 
-def test_the_source_ships_with_the_package():
-  assert native.SOURCE.is_file() and native.SOURCE.suffix == ".cc"
-  assert os.path.commonpath([native.SOURCE, pathlib.Path(native.__file__).parent]) == \
-      str(pathlib.Path(native.__file__).parent)
+def test_the_sources_ship_with_the_package():
+  for source in native.SOURCES:
+    assert source.is_file() and source.suffix == ".cc"
+    assert os.path.commonpath([source, pathlib.Path(native.__file__).parent]) == \
+        str(pathlib.Path(native.__file__).parent)
