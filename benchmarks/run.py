@@ -334,7 +334,7 @@ def flops_per_seed_round(case: Case, records, config, visited_actions=None) -> d
   cell_table = ((case.n_contexts, d) if learners.cell_table_applies(
       case.n_contexts, case.n_users, d, simulate.buffer_capacity(config), blocks) else None)
   native_d = None
-  if simulate.resolve_erm_gradient(config) == "native":
+  if simulate.resolve_erm_gradient(config, case.dim) == "native":
     native_d, cell_table = d, None
     rows = np.minimum(rounds, simulate.buffer_capacity(config))  # the filled rows exactly
   if config.erm_hessian == "carried":
@@ -439,7 +439,7 @@ def measure_jax(case: Case, master_seed: int = 0, repeats: int = 1) -> dict:
       "case": dataclasses.asdict(case),
       "batching": simulate.resolve_batching(config),
       "regret_evaluation": simulate.resolve_regret_evaluation(config),
-      "erm_gradient": simulate.resolve_erm_gradient(config),
+      "erm_gradient": simulate.resolve_erm_gradient(config, case.dim),
       "accepted_problem_seed": int(accepted_seed),
       "compile_seconds": compile_seconds,
       "run_seconds": run_seconds,

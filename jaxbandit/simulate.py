@@ -121,9 +121,10 @@ class SimulationConfig:
       a C++ kernel that visits each row once and nothing per cell,
       ``learners.native_user_gradient``; for the outer-product model classes
       ``known_heads``, ``pooled`` and ``per_user_bilinear``) or 'auto'
-      ('native' on the CPU where it applies and the native kernels build, else
-      'xla'). Both meet the same tolerance; the estimates differ by the
-      rounding of the sums (within the ERM's tolerance).
+      ('native' on the CPU for those classes with Bradley-Terry feedback and
+      at most 8 factors, where the kernel's vector path runs, when the native
+      kernels build; else 'xla'; see ``resolve_erm_gradient``). Both meet the
+      same tolerance; the estimates differ by the rounding of the sums.
   """
 
   horizon: int = 1000
@@ -267,7 +268,7 @@ def _components(config: SimulationConfig, instance: Instance):
   learner = learners_lib.make_learner(
       model, choice_model, tol=config.erm_tol, max_iterations=config.erm_max_iterations,
       cell_table_from=CELL_TABLE_FROM_ROWS if one_at_a_time else None,
-      native_gradient=resolve_erm_gradient(config) == "native")
+      native_gradient=resolve_erm_gradient(config, instance.contexts.shape[-1]) == "native")
   policy = policies_lib.make_slate_policy(config.slate_policy, config.slate_size)
   return choice_model, learner, policy
 
@@ -645,21 +646,30 @@ def resolve_regret_evaluation(config: SimulationConfig) -> str:
 
 
 # The model classes whose features are outer products x (outer) a, which the
-# native gradient handles (learners.native_gradient_applies).
+# native gradient handles (learners.native_gradient_applies), and the most
+# factors per context its Bradley-Terry vector path takes (csrc/user_gradient.cc).
 NATIVE_GRADIENT_CLASSES = ("known_heads", "pooled", "per_user_bilinear")
+NATIVE_GRADIENT_VECTOR_FACTORS = 8
 
 
-def resolve_erm_gradient(config: SimulationConfig) -> str:
+def resolve_erm_gradient(config: SimulationConfig, n_factors: Optional[int] = None) -> str:
   """'native' or 'xla' for this configuration on the default backend.
 
-  'auto' is 'native' on the CPU for the outer-product model classes
-  (``NATIVE_GRADIENT_CLASSES``) when the native kernels are available
-  (:mod:`jaxbandit.native`), else 'xla'. An explicit 'native' that cannot run
-  is an error (raised here, before anything compiles).
+  'auto' is 'native' where the native kernel's vector path applies and was
+  measured faster than XLA's: on the CPU, for the outer-product model classes
+  (``NATIVE_GRADIENT_CLASSES``), Bradley-Terry feedback and at most 8 factors
+  per context (``n_factors``, the instance's ``dim``; None: not checked),
+  when the native kernels are available (:mod:`jaxbandit.native`); else 'xla'.
+  An explicit 'native' also runs the kernel's float64 loop for the other
+  choice models and sizes (measured slower than XLA for multinomial logit,
+  faster for full Plackett-Luce rankings). An explicit 'native' that cannot
+  run is an error (raised here, before anything compiles).
   """
   applies = config.model_class in NATIVE_GRADIENT_CLASSES and config.slate_size <= 16
   if config.erm_gradient == "auto":
-    if not applies or jax.default_backend() != "cpu" or not native.available():
+    fast = (config.choice_model == "bradley_terry" and
+            (n_factors is None or n_factors <= NATIVE_GRADIENT_VECTOR_FACTORS))
+    if not (applies and fast) or jax.default_backend() != "cpu" or not native.available():
       return "xla"
     return "native"
   if config.erm_gradient == "native":
@@ -1082,7 +1092,8 @@ def simulate(instances: Instance, config: SimulationConfig,
   n_actions = instances.actions.shape[-2]
   min_support = int(np.min(np.sum(np.asarray(instances.reference_policy) > 0, axis=-1)))
   config.validate(n_actions, min_support)
-  resolve_erm_gradient(config)  # an explicit 'native' that cannot run fails here
+  # An explicit erm_gradient='native' that cannot run fails here.
+  resolve_erm_gradient(config, instances.contexts.shape[-1])
   V.instance_values(instances)
   V.positive_int("n_seeds", n_seeds)
   V.seed("master_seed", master_seed)

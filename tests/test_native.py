@@ -30,9 +30,15 @@ def test_the_kernel_builds_once_into_the_cache_and_registers():
   assert native.build_and_register() == status
   assert S.resolve_regret_evaluation(CONFIG) == "certified"
   assert S.resolve_erm_gradient(CONFIG) == "native"
-  # The gradient kernel applies to the outer-product classes only.
-  other = dataclasses.replace(CONFIG, model_class="known_directions")
-  assert S.resolve_erm_gradient(other) == "xla"
+  # 'auto' takes the gradient kernel where its vector path runs: the
+  # outer-product classes, Bradley-Terry, at most 8 factors.
+  assert S.resolve_erm_gradient(CONFIG, 8) == "native"
+  for other, n_factors in [(dataclasses.replace(CONFIG, model_class="known_directions"), None),
+                           (dataclasses.replace(CONFIG, choice_model="multinomial_logit"), None),
+                           (CONFIG, 9)]:
+    assert S.resolve_erm_gradient(other, n_factors) == "xla"
+  explicit = dataclasses.replace(CONFIG, choice_model="multinomial_logit", erm_gradient="native")
+  assert S.resolve_erm_gradient(explicit, 9) == "native"
 
 
 def test_turned_off_by_the_environment(monkeypatch):

@@ -95,14 +95,13 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       if (!(weight[cell] > 0.0f)) continue;  // never drawn, counts in no average
       const float* g = query + cell * r;
       float* a = anchor + cell * r;
-      float moved2 = 0.0f, norm2 = 0.0f;
-      for (int64_t j = 0; j < r; ++j) {
-        moved2 += (g[j] - a[j]) * (g[j] - a[j]);
-        norm2 += g[j] * g[j];
-      }
+      float moved2 = 0.0f;
+      for (int64_t j = 0; j < r; ++j) moved2 += (g[j] - a[j]) * (g[j] - a[j]);
       // Certified: the query is still inside the cell's radius (NaN: not certified).
       if (radius[cell] > 0.0f && moved2 < radius[cell] * radius[cell]) continue;
       ++n_due;
+      float norm2 = 0.0f;  // only a due cell's norm is needed
+      for (int64_t j = 0; j < r; ++j) norm2 += g[j] * g[j];
       for (int64_t j = 0; j < r; ++j) a[j] = g[j];
       // Scores in factor order, a block of kLanes slots at a time: s = g_0 k_0,
       // then s = fma(g_j, k_j, s), one rounding per factor, as XLA:CPU's fused
