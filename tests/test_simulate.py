@@ -515,6 +515,7 @@ def test_certified_regret_equals_the_full_pass(wide_instance, batching):
   assert np.all(full.regret[..., -1] < full.regret[..., 0])  # it learns
 
 
+@pytest.mark.slow  # ~15 s: an XLA-gradient kernel more; every default kernel test runs 'native'
 def test_native_gradient_reaches_the_xla_gradients_estimates(wide_instance):
   """erm_gradient='native' (the C++ row loop) against 'xla' (per-user sums, cell
   table) in the whole kernel: every refit converges either way, the estimates agree
