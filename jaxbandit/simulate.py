@@ -635,14 +635,20 @@ def resolve_regret_evaluation(config: SimulationConfig) -> str:
     if config.record_kl:
       raise ValueError("regret_evaluation='certified' cannot be combined with record_kl=True "
                        "(the KL regret scores every cell anyway); use 'auto' or 'full'")
-    if jax.default_backend() != "cpu":
-      raise ValueError(f"regret_evaluation='certified' runs on the CPU only (the default "
-                       f"backend is {jax.default_backend()!r}); use 'auto' or 'full'")
-    status = native.status()
-    if not status.available:
-      raise ValueError(f"regret_evaluation='certified' needs the native CPU kernel, which is "
-                       f"not available: {status.reason}; use 'auto' or 'full'")
+    _require_native_cpu("regret_evaluation='certified'", "'auto' or 'full'")
   return config.regret_evaluation
+
+
+def _require_native_cpu(setting: str, instead: str) -> None:
+  """Raises ValueError unless the default backend is the CPU and the native kernels are
+  available; the message names ``setting``, why, and the settings to use ``instead``."""
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"{setting} runs on the CPU only (the default backend is "
+                     f"{jax.default_backend()!r}); use {instead}")
+  status = native.status()
+  if not status.available:
+    raise ValueError(f"{setting} needs the native CPU kernels, which are not available: "
+                     f"{status.reason}; use {instead}")
 
 
 # The model classes whose features are outer products x (outer) a, which the
@@ -678,13 +684,7 @@ def resolve_erm_gradient(config: SimulationConfig, n_factors: Optional[int] = No
                        f"{config.model_class!r} with slate_size={config.slate_size}; allowed: "
                        f"model_class in {NATIVE_GRADIENT_CLASSES} with slate_size <= 16, or "
                        f"erm_gradient 'auto' or 'xla'")
-    if jax.default_backend() != "cpu":
-      raise ValueError(f"erm_gradient='native' runs on the CPU only (the default backend is "
-                       f"{jax.default_backend()!r}); use 'auto' or 'xla'")
-    status = native.status()
-    if not status.available:
-      raise ValueError(f"erm_gradient='native' needs the native CPU kernels, which are not "
-                       f"available: {status.reason}; use 'auto' or 'xla'")
+    _require_native_cpu("erm_gradient='native'", "'auto' or 'xla'")
   return config.erm_gradient
 
 
