@@ -30,7 +30,10 @@ each row adds a d-vector to its (context, user) cell of a table, and the
 per-user statistics come from that table by one matrix product
 (:func:`_cell_table_user_gradient`). The table's fixed cost per call only pays
 once there are enough rows: ``make_learner(cell_table_from=...)`` keeps the
-per-user sums below that many rows (the simulator's ``map`` path does).
+per-user sums below that many rows (the simulator's ``map`` path does). On the
+CPU the same statistics can come from a native kernel that visits each row
+once and nothing per cell (:func:`native_user_gradient`,
+``make_learner(native_gradient=True)``).
 
 Exact ERM minimises ``sum_n -log P(outcome_n) + ridge/2 ||Theta||_F^2`` by
 Newton's method (Armijo backtracking while the Newton decrement is above
@@ -370,10 +373,8 @@ def _cell_table_user_gradient(model, choice_model, params, data, block_size, n_r
 
 def native_gradient_applies(model: ModelClass, slate_size: int) -> bool:
   """Whether :func:`native_user_gradient` handles ``model`` (static): outer-product
-  features of at most 16 factors, slates of at most 16 actions."""
-  if model.outer_factors is None:
-    return False
-  return model.outer_factors[1].shape[-1] <= 16 and slate_size <= 16
+  features, slates of at most 16 actions."""
+  return model.outer_factors is not None and slate_size <= 16
 
 
 def native_user_gradient(model, params, data: ChoiceData, n_rows=None):
@@ -897,8 +898,7 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
   Args:
     model, choice_model, params_init, data, ridge, tol, max_iterations,
       max_backtracks, block_size, n_rows, cell_table_from, native_gradient: as in
-      :func:`fit_erm` (``data``
-      already holds the new observation).
+      :func:`fit_erm` (``data`` already holds the new observation).
     max_chord_steps: most quasi-Newton steps before the Newton fallback, and
       the fallback's chord steps per Hessian (static).
     carry: the :class:`HessianCarry` of the previous refit.
