@@ -17,7 +17,7 @@ or ``clang++``) against the FFI headers jaxlib installs
 (``jax.ffi.include_dir()``), for this CPU (``-march=native``). The library is
 kept under ``$JAXBANDIT_CACHE_DIR/native`` (default ``~/.cache/jaxbandit/native``),
 named by a hash of the sources, the compiler, its flags, jax's version and the
-CPU, so a second process loads it in milliseconds. Compiling takes about 5-6 s
+CPU, so a second process loads it in milliseconds. Compiling takes about 5-9 s
 (the two sources at once).
 
 Where it cannot be built (no compiler, headers missing, a failed compile) or
@@ -175,7 +175,7 @@ def _built() -> Status:
 
 def status() -> Status:
   """Whether the kernels can run in this process, building and registering them the first
-  time it is asked (once per machine: about 5 s); never raises."""
+  time it is asked (once per machine: about 5-9 s); never raises."""
   if disabled():
     return Status(False, "disabled by JAXBANDIT_NATIVE=0")
   return _built()
