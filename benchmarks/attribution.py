@@ -128,12 +128,20 @@ def zero_regret(truth, queries, keys, subset=None):
   return jnp.zeros(truth.weights.shape, queries.dtype)
 
 
-def zero_certified(truth, tables, cells, queries):
+def zero_certified(truth, tables, cells, queries, user_vectors=None):
   """A stand-in for ``metrics.certified_cell_values``: every cell at its best value (regret
-  0), no cell re-scored, the cells unchanged."""
+  0), no cell re-scored or measured, the cells unchanged."""
   import jax.numpy as jnp
 
-  return cells, truth.best, jnp.zeros((), jnp.int32)
+  return cells, truth.best, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+
+
+def measure_every_cell(certified_cell_values):
+  """``metrics.certified_cell_values`` without the user vectors: the same cells re-scored,
+  but every cell's distance measured every round (the pass before its drift bound)."""
+  def without_drift(truth, tables, cells, queries, user_vectors=None):
+    return certified_cell_values(truth, tables, cells, queries, None)
+  return without_drift
 
 
 @contextlib.contextmanager
@@ -160,11 +168,16 @@ def variants(evaluation: str = "full"):
     regret = ("certified_cell_values", lambda f: zero_certified, twice(3))
   else:
     regret = ("factor_cell_regret", lambda f: zero_regret, twice(1))
+  drift = []
+  if evaluation == "certified":  # without user vectors the pass measures every cell
+    drift = [("certified, every cell measured (no drift bound)", metrics,
+              "certified_cell_values", measure_every_cell, False)]
   return [
       ("base", None, None, None, False),
       ("base, again (noise)", None, None, None, False),
       ("regret pass removed", metrics, regret[0], regret[1], True),
       ("regret pass twice", metrics, regret[0], regret[2], False),
+  ] + drift + [
       ("ERM gradient passes twice", learners, "_cell_table_user_gradient", twice(2), False),
       ("score queries twice (regret + gradients)", learners, "score_queries", twice(1),
        False),

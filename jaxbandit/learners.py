@@ -1038,6 +1038,12 @@ class Learner(NamedTuple):
     carried_phases: optional :class:`CarriedPhases`, ``fit_carried`` split so
       that a batched simulation runs its Newton fallback only for the lanes
       that need it.
+    user_vectors: optional ``(params) -> (n_users, q)``, the per-user vectors
+      ``score_queries`` is linear in, with
+    query_scale: optional (n_contexts,) bound ``||queries[c, i] - queries'[c, i]||
+      <= query_scale[c] ||w_i - w'_i||`` between any two estimates (rounded
+      up). With both the certified regret pass measures only the cells whose
+      user vector has drifted far enough (``metrics.CertifiedCells``).
   """
 
   init: Callable
@@ -1050,6 +1056,8 @@ class Learner(NamedTuple):
   init_carry: Optional[Callable] = None
   fit_carried: Optional[Callable] = None
   carried_phases: Optional["CarriedPhases"] = None
+  user_vectors: Optional[Callable] = None
+  query_scale: Optional[jax.Array] = None
 
 
 class CarriedPhases(NamedTuple):
@@ -1089,6 +1097,19 @@ def score_queries(model: ModelClass, params: jax.Array) -> jax.Array:
   contexts = model.outer_factors[0]
   d = contexts.shape[-1]
   return jnp.einsum("ci,uij->cuj", contexts, weights.reshape(-1, d, d))
+
+
+def query_scale(model: ModelClass) -> jax.Array:
+  """(C,) ``s_c`` with ``||score_queries[c, i] - score_queries'[c, i]|| <= s_c ||w_i - w'_i||``.
+
+  Outer-product features: the query ``W_i^T x_c`` moves at most ``||x_c||``
+  times the Frobenius norm of ``W_i``'s move (rounded up by 1e-6); otherwise
+  the query is ``w_i`` itself (1).
+  """
+  if model.outer_factors is None:
+    return jnp.ones((model.features.shape[0],), jnp.float32)
+  contexts = model.outer_factors[0].astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(contexts * contexts, axis=-1)) * (1.0 + 1e-6)
 
 
 def score_keys(model: ModelClass) -> jax.Array:
@@ -1144,4 +1165,5 @@ def make_learner(model: ModelClass, choice_model: ChoiceModel, *, tol: float = 1
                  lambda params, context, user: cell_scores(model, params, context, user),
                  functools.partial(score_queries, model), score_keys(model), True,
                  lambda: empty_hessian_carry(model), fit_carried,
-                 CarriedPhases(start, fallback, carried_result))
+                 CarriedPhases(start, fallback, carried_result),
+                 functools.partial(user_vectors, model), query_scale(model))

@@ -554,11 +554,16 @@ class CertifiedTables(NamedTuple):
     key_norm: (C,) ``max_a ||k_ca||`` over every action (the rounding allowance).
     inverse_gap: (C, V, V) ``1 / (||k_v - k_w|| (1 + 1e-6))`` between the slots'
       keys, 0 where they are equal.
+    query_scale: (C,) how far a query of context c can move per unit of its
+      user vector's move: ``||g_cu - g'_cu|| <= query_scale[c] ||w_u - w'_u||``
+      (``learners.Learner.query_scale``); ``inf`` where nothing is known, so
+      every cell's distance is measured every round.
   """
 
   subset: ActionSubset
   key_norm: jax.Array
   inverse_gap: jax.Array
+  query_scale: jax.Array
 
 
 def supported_labels(support) -> jax.Array:
@@ -574,9 +579,11 @@ def supported_labels(support) -> jax.Array:
   return jnp.where(padded == n_actions, last, padded)
 
 
-def certified_tables(truth: TruthTables, keys, subset: ActionSubset) -> CertifiedTables:
+def certified_tables(truth: TruthTables, keys, subset: ActionSubset,
+                     query_scale=None) -> CertifiedTables:
   """The certified pass's constants for ``subset`` (labels a multiple of 8 wide, as
-  :func:`subset_labels` and :func:`supported_labels` make them); once per instance."""
+  :func:`subset_labels` and :func:`supported_labels` make them); once per instance.
+  ``query_scale`` (C,): see :class:`CertifiedTables` (None: unknown, ``inf``)."""
   if subset.labels.shape[1] % 8:
     raise ValueError(f"the certified pass needs label rows a multiple of 8 wide, "
                      f"got {subset.labels.shape[1]}")
@@ -584,7 +591,13 @@ def certified_tables(truth: TruthTables, keys, subset: ActionSubset) -> Certifie
   gap = jnp.sqrt(sum((slot_keys[:, :, None, j] - slot_keys[:, None, :, j])**2
                      for j in range(slot_keys.shape[-1])))  # (C, V, V)
   inverse = jnp.where(gap > 0, 1.0 / (jnp.where(gap > 0, gap, 1.0) * (1.0 + 1e-6)), 0.0)
-  return CertifiedTables(subset, key_norms(keys), inverse)
+  n_contexts = subset.labels.shape[0]
+  if query_scale is None:
+    query_scale = jnp.full((n_contexts,), jnp.inf, jnp.float32)
+  query_scale = jnp.asarray(query_scale, jnp.float32)
+  if query_scale.shape != (n_contexts,):
+    raise ValueError(f"query_scale must have shape ({n_contexts},), got {query_scale.shape}")
+  return CertifiedTables(subset, key_norms(keys), inverse, query_scale)
 
 
 class CertifiedCells(NamedTuple):
@@ -595,28 +608,42 @@ class CertifiedCells(NamedTuple):
   cell's query stays closer than the radius to its anchor, no other action can
   have reached the greedy one's score, so the value still holds. Cells whose
   query has moved that far are re-scored (:func:`certified_cell_values`).
+  ``allowance`` and ``previous`` spare most cells even the distance: a query
+  moves at most ``query_scale[c]`` times as far as its user's vector, so a
+  cell's query is still inside its radius while the user vector's drift since
+  the cell's last test stays below its allowance.
 
   Attributes:
     anchor: (C, U, r) float32 query of each cell when last scored.
     radius: (C, U) float32; -inf before a cell's first scoring.
     value: (C, U) float32 ``R*(x, a_hat, i)`` of the cell's greedy action (0
       for cells of zero weight, which are never scored).
+    allowance: (C, U) float32 how much further (summed, in the norm of the
+      user vectors) the user's vector may drift before the cell's distance
+      must be measured again; <= 0 (or -inf) when it must be this round.
+    previous: (U, q) float32 the user vectors of the last round.
   """
 
   anchor: jax.Array
   radius: jax.Array
   value: jax.Array
+  allowance: jax.Array
+  previous: jax.Array
 
 
-def empty_certified_cells(n_contexts: int, n_users: int, n_factors: int) -> CertifiedCells:
-  """Cells that must all be scored before use (queries of ``n_factors`` numbers)."""
+def empty_certified_cells(n_contexts: int, n_users: int, n_factors: int,
+                          n_user_params: int = 1) -> CertifiedCells:
+  """Cells that must all be scored before use (queries of ``n_factors`` numbers,
+  user vectors of ``n_user_params``)."""
   shape = (n_contexts, n_users)
   return CertifiedCells(jnp.zeros(shape + (n_factors,), jnp.float32),
-                        jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32))
+                        jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                        jnp.full(shape, -jnp.inf, jnp.float32),
+                        jnp.zeros((n_users, n_user_params), jnp.float32))
 
 
 def certified_cell_values(truth: TruthTables, tables: CertifiedTables, cells: CertifiedCells,
-                          queries):
+                          queries, user_vectors=None):
   """Brings ``cells`` up to ``queries`` (C, U, r); the true score of every cell's
   greedy action, exactly as :func:`factor_cell_regret` finds it.
 
@@ -629,25 +656,39 @@ def certified_cell_values(truth: TruthTables, tables: CertifiedTables, cells: Ce
   ||k_b - k_a||`` (as :func:`_rescore`, with one candidate). The other cells
   keep their value. Late in a run 1-3% of the cells are due a round.
 
+  ``user_vectors`` (U, q), the vectors the queries are linear in (with
+  ``tables.query_scale``), let the kernel skip measuring the distance of cells
+  whose user vector has drifted less than their allowance since their last
+  test; they must be the vectors ``queries`` were computed from. None: every
+  cell's distance is measured (the same cells, values and counts re-scored).
+
   Returns:
-    ``(cells, value (C, U), n_due ())``: the updated cells, each cell's greedy
-    true score (``truth.best - value`` is :func:`factor_cell_regret`'s regret
-    wherever the weight is positive) and how many cells were re-scored.
+    ``(cells, value (C, U), n_due (), n_measured ())``: the updated cells, each
+    cell's greedy true score (``truth.best - value`` is
+    :func:`factor_cell_regret`'s regret wherever the weight is positive), how
+    many cells were re-scored and how many had their distance measured.
   """
   from jaxbandit import native
 
   subset = tables.subset
+  scale = tables.query_scale
+  if user_vectors is None:  # nothing bounds the queries' moves: measure every cell
+    user_vectors = jnp.zeros(cells.previous.shape, jnp.float32)
+    scale = jnp.full(scale.shape, jnp.inf, jnp.float32)
   rescan = jax.ffi.ffi_call(
       native.TARGET, (jax.ShapeDtypeStruct(cells.anchor.shape, jnp.float32),
                       jax.ShapeDtypeStruct(cells.radius.shape, jnp.float32),
                       jax.ShapeDtypeStruct(cells.value.shape, jnp.float32),
-                      jax.ShapeDtypeStruct((), jnp.int32)),
-      vmap_method="sequential", input_output_aliases={7: 0, 8: 1, 9: 2})
-  anchor, radius, value, n_due = rescan(
-      queries.astype(jnp.float32), truth.weights.astype(jnp.float32), subset.key_planes,
+                      jax.ShapeDtypeStruct(cells.allowance.shape, jnp.float32),
+                      jax.ShapeDtypeStruct(cells.previous.shape, jnp.float32),
+                      jax.ShapeDtypeStruct((2,), jnp.int32)),
+      vmap_method="sequential", input_output_aliases={9: 0, 10: 1, 11: 2, 12: 3, 13: 4})
+  anchor, radius, value, allowance, previous, counts = rescan(
+      queries.astype(jnp.float32), user_vectors.astype(jnp.float32), scale,
+      truth.weights.astype(jnp.float32), subset.key_planes,
       subset.labels, truth.scores, tables.key_norm, tables.inverse_gap,
-      cells.anchor, cells.radius, cells.value)
-  return CertifiedCells(anchor, radius, value), value, n_due
+      cells.anchor, cells.radius, cells.value, cells.allowance, cells.previous)
+  return CertifiedCells(anchor, radius, value, allowance, previous), value, counts[0], counts[1]
 
 
 def _first_true(mask, size: int):

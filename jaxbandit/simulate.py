@@ -315,7 +315,8 @@ def init_state(config: SimulationConfig, instance: Instance) -> SimState:
     data = learners_lib.ChoiceData.empty(buffer_capacity(config), config.slate_size, n_ranked)
   n_factors = 0 if learner.score_keys is None else learner.score_keys.shape[-1]
   if uses_certified_regret(config, learner):
-    cache = metrics.empty_certified_cells(instance.n_contexts, instance.n_users, n_factors)
+    cache = metrics.empty_certified_cells(instance.n_contexts, instance.n_users, n_factors,
+                                          _user_vector_size(learner))
   else:
     cache = metrics.empty_regret_cache(instance.n_contexts, instance.n_users, instance.n_actions,
                                        regret_candidates(config, instance.n_actions), n_factors)
@@ -385,7 +386,8 @@ def _regret_tables(config: SimulationConfig, instance: Instance, learner: learne
   if uses_certified_regret(config, learner):
     visited = subset if subset is not None else metrics.action_subset(
         truth, learner.score_keys, metrics.supported_labels(truth.support))
-    certified = metrics.certified_tables(truth, learner.score_keys, visited)
+    scale = learner.query_scale if learner.user_vectors is not None else None
+    certified = metrics.certified_tables(truth, learner.score_keys, visited, scale)
   return truth, subset, certified
 
 
@@ -421,8 +423,9 @@ def _round_functions(config: SimulationConfig, instance: Instance, params: Simul
     factored = learner.score_queries is not None and learner.score_keys is not None
     cache = state.regret_cache
     if certified is not None:
-      cache, value, rescored = metrics.certified_cell_values(
-          truth, certified, cache, learner.score_queries(state.params))
+      vectors = None if learner.user_vectors is None else learner.user_vectors(state.params)
+      cache, value, rescored, _ = metrics.certified_cell_values(
+          truth, certified, cache, learner.score_queries(state.params), vectors)
       per_cell = truth.best - value
     elif factored and resolve_regret_evaluation(config) == "incremental" and not config.record_kl:
       cache, per_cell, rescored = metrics.update_regret_cache(
@@ -688,6 +691,14 @@ def resolve_erm_gradient(config: SimulationConfig, n_factors: Optional[int] = No
   return config.erm_gradient
 
 
+def _user_vector_size(learner: learners_lib.Learner) -> int:
+  """q of the learner's user vectors (U, q), or 1 when it has none (the certified
+  pass then measures every cell's distance)."""
+  if learner.user_vectors is None:
+    return 1
+  return int(jax.eval_shape(learner.user_vectors, jax.eval_shape(learner.init)).shape[-1])
+
+
 def uses_certified_regret(config: SimulationConfig, learner: learners_lib.Learner) -> bool:
   """Whether the kernel keeps the regret with the certified pass (:func:`metrics.certified_cell_values`):
   ``resolve_regret_evaluation`` says 'certified' and the learner scores through factors."""
@@ -865,7 +876,8 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
   State per seed: the data buffer (horizon rows of context, user, slate,
   outcome, mask), the regret pass's state (K candidates, a radius and a
   float16 anchor query of ``n_factors`` numbers per cell; with 'certified',
-  a radius, a value and a float32 anchor), the estimate and
+  a radius, a value, an allowance and a float32 anchor, and the last user
+  vectors, at most ``n_factors**2`` numbers per user), the estimate and
   ``n_solver`` numbers of carried solver state (the inverse Hessian);
   records: 9 numbers per seed-round kept on the host for the whole horizon,
   plus one chunk of them on the device; truth tables per population.
@@ -874,8 +886,8 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
                                    config.top_m is None) else (config.top_m or 1)
   row = 4 * (2 + config.slate_size + n_ranked) + 1
   certified = resolve_regret_evaluation(config) == "certified"
-  if certified:  # radius, value and a float32 anchor query per cell
-    cache = n_contexts * n_users * (8 + 4 * n_factors)
+  if certified:  # radius, value, allowance and a float32 anchor query per cell, user vectors
+    cache = n_contexts * n_users * (12 + 4 * n_factors) + 4 * n_users * n_factors**2
   else:
     candidate_bytes = jnp.dtype(metrics.candidate_dtype(n_actions)).itemsize
     anchor_bytes = jnp.dtype(metrics.ANCHOR_DTYPE).itemsize

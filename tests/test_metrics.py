@@ -535,7 +535,7 @@ def test_first_true_lists_the_first_dirty_cells_like_numpy():
 # ---------------------------------------------------------------------------
 
 
-def certified_problem(true_scores, weights, reference, keys, labels=None):
+def certified_problem(true_scores, weights, reference, keys, labels=None, query_scale=None):
   """(truth, tables) of the certified pass; ``labels`` default: every supported action."""
   from jaxbandit import native
 
@@ -545,7 +545,7 @@ def certified_problem(true_scores, weights, reference, keys, labels=None):
                                jnp.asarray(reference))
   labels = metrics.supported_labels(truth.support) if labels is None else jnp.asarray(labels)
   subset = metrics.action_subset(truth, jnp.asarray(keys), labels)
-  return truth, metrics.certified_tables(truth, jnp.asarray(keys), subset)
+  return truth, metrics.certified_tables(truth, jnp.asarray(keys), subset, query_scale)
 
 
 def test_supported_labels_list_each_contexts_support_padded_to_eight():
@@ -576,7 +576,7 @@ def test_certified_cells_equal_brute_force_along_a_random_walk():
   weighted = int(np.sum(weights > 0))
   counts = []
   for step, scale, query in walk_queries(query, rng):
-    cells, value, count = update(cells, jnp.asarray(query))
+    cells, value, count, _ = update(cells, jnp.asarray(query))
     expected = np_factor_regret(true_scores, weights, reference, keys, query)
     got = np.asarray(truth.best) - np.asarray(value)
     np.testing.assert_allclose(got[weights > 0], expected[weights > 0], atol=1e-6,
@@ -605,8 +605,8 @@ def test_certified_ties_go_to_the_lowest_action_and_the_radius_is_safe():
     truth, tables = certified_problem(true_scores, weights, reference, keys, labels)
     update = jax.jit(lambda cells, q, truth=truth, tables=tables: metrics.certified_cell_values(
         truth, tables, cells, q))
-    cells, value, count = update(metrics.empty_certified_cells(HULL_CONTEXTS, HULL_USERS,
-                                                               N_FACTORS), jnp.asarray(queries))
+    cells, value, count, _ = update(metrics.empty_certified_cells(HULL_CONTEXTS, HULL_USERS,
+                                                                  N_FACTORS), jnp.asarray(queries))
     assert int(count) == HULL_CONTEXTS * HULL_USERS
     for c in range(HULL_CONTEXTS):
       support = reference[c] > 0
@@ -619,7 +619,7 @@ def test_certified_ties_go_to_the_lowest_action_and_the_radius_is_safe():
     direction = rng.normal(size=queries.shape)
     direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
     moved += (0.999 * np.maximum(radius, 0)[..., None] * direction).astype(np.float32)
-    _, again, count = update(cells, jnp.asarray(moved))
+    _, again, count, _ = update(cells, jnp.asarray(moved))
     quiet = radius > 0
     assert int(count) == np.sum(~quiet)  # cells with a positive radius stay quiet
     np.testing.assert_array_equal(np.asarray(again), np.asarray(value))
@@ -633,19 +633,102 @@ def test_certified_non_finite_query_follows_the_full_pass_and_stays_due():
   keys, query = random_factors(9)
   truth, tables = certified_problem(true_scores, weights, reference, keys)
   update = jax.jit(lambda cells, q: metrics.certified_cell_values(truth, tables, cells, q))
-  cells, _, _ = update(metrics.empty_certified_cells(N_CONTEXTS, N_USERS, N_FACTORS),
-                       jnp.asarray(query))
+  cells, _, _, _ = update(metrics.empty_certified_cells(N_CONTEXTS, N_USERS, N_FACTORS),
+                          jnp.asarray(query))
   broken = query.copy()
   broken[0, 0, 1] = np.nan
-  cells, value, count = update(cells, jnp.asarray(broken))
+  cells, value, count, _ = update(cells, jnp.asarray(broken))
   full = metrics.factor_cell_regret(truth, jnp.asarray(broken), jnp.asarray(keys))
   assert int(count) == 1
   assert float(value[0, 0]) == true_scores[0, 0, 0]
   np.testing.assert_allclose(float(truth.best[0, 0] - value[0, 0]), float(full[0, 0]))
-  cells, value, count = update(cells, jnp.asarray(query))
+  cells, value, count, _ = update(cells, jnp.asarray(query))
   assert int(count) == 1  # only the cell that saw the NaN
   expected = np_factor_regret(true_scores, weights, reference, keys, query)
   np.testing.assert_allclose(float(truth.best[0, 0] - value[0, 0]), expected[0, 0], atol=1e-6)
+
+
+def test_certified_drift_bound_skips_only_cells_inside_their_radius():
+  """With user vectors, the certified pass measures only cells whose allowance ran out.
+
+  Queries ``x_c W_u`` (outer-product form, 19 users: two blocks of eight and a tail,
+  a context of zeros) follow a random walk of the vectors ``W_u`` with, every fifth
+  step, a move of one user aligned with one context (the bound ``||x_c|| ||dW_u||``
+  then holds with equality). At every step: the values equal scoring every supported
+  action in float64; the cells, the values and the number re-scored equal those of
+  the pass that measures every cell; and every cell left with a positive allowance
+  has its query, in float64, at least ``allowance * ||x_c||`` inside its radius. Quiet
+  steps measure far fewer cells than carry weight."""
+  rng = np.random.default_rng(23)
+  n_contexts, n_users, n_actions, d = 6, 19, 24, N_FACTORS
+  contexts = rng.normal(size=(n_contexts, d)).astype(np.float32)
+  contexts[4] = 0.0
+  vectors = rng.normal(size=(n_users, d, d)).astype(np.float32)
+  keys = rng.normal(size=(n_contexts, n_actions, d)).astype(np.float32)
+  true_scores = rng.normal(size=(n_contexts, n_users, n_actions)).astype(np.float32)
+  weights = np.full((n_contexts, n_users), 1.0 / (n_contexts * n_users), np.float32)
+  weights[:, 5] = 0.0
+  reference = np.ones((n_contexts, n_actions))
+  reference[1, [0, 7]] = 0.0
+  scale = (np.sqrt(np.sum(contexts.astype(np.float64)**2, axis=1)) * (1 + 1e-6)).astype(np.float32)
+  truth, measured_tables = certified_problem(true_scores, weights, reference, keys)
+  _, drift_tables = certified_problem(true_scores, weights, reference, keys, query_scale=scale)
+  update = jax.jit(lambda cells, q, w, tables: metrics.certified_cell_values(
+      truth, tables, cells, q, w))
+  every = metrics.empty_certified_cells(n_contexts, n_users, d, d * d)
+  drifting = every
+  weighted = int(np.sum(weights > 0))
+  measured = []
+  for step in range(60):
+    if step % 5 == 4:  # one user along one context: the bound is tight for that cell
+      c, u = [0, 1, 2, 3, 5][(step // 5) % 5], step % n_users
+      radius = float(np.asarray(drifting.radius)[c, u])
+      size = 0.4 * (radius if np.isfinite(radius) and radius > 0 else 0.1) / scale[c]
+      move = np.outer(contexts[c], rng.normal(size=d))
+      vectors[u] += (size * move / np.linalg.norm(move)).astype(np.float32)
+    else:
+      size = 1.0 if 30 <= step < 32 else [0.0, 1e-4, 1e-3, 1e-2][step % 4]
+      vectors += (size * rng.normal(size=vectors.shape)).astype(np.float32)
+    queries = np.einsum("ci,uij->cuj", contexts, vectors).astype(np.float32)
+    flat = jnp.asarray(vectors.reshape(n_users, d * d))
+    every, value, due, checked = update(every, jnp.asarray(queries), jnp.zeros_like(flat),
+                                        measured_tables)
+    drifting, drift_value, drift_due, drift_checked = update(
+        drifting, jnp.asarray(queries), flat, drift_tables)
+    expected = np_factor_regret_at(true_scores, reference, keys, queries)
+    got = np.asarray(truth.best) - np.asarray(drift_value)
+    np.testing.assert_allclose(got[weights > 0], expected[weights > 0], atol=1e-6,
+                               err_msg=f"step {step}")
+    assert int(checked) == weighted
+    assert int(drift_due) == int(due) and int(due) <= int(drift_checked) <= weighted, step
+    for name in ("anchor", "radius", "value"):
+      np.testing.assert_array_equal(np.asarray(getattr(drifting, name)),
+                                    np.asarray(getattr(every, name)), err_msg=f"{name} {step}")
+    allowance = np.asarray(drifting.allowance, np.float64)
+    inside = (allowance > 0) & (weights > 0)
+    distance = np.linalg.norm(queries.astype(np.float64) -
+                              np.asarray(drifting.anchor, np.float64), axis=-1)
+    with np.errstate(invalid="ignore"):  # context 4: inf * 0
+      reach = np.where(scale[:, None] > 0, allowance * scale[:, None], 0.0)
+    margin = np.asarray(drifting.radius, np.float64) - distance - reach
+    assert np.all(margin[inside] >= 0), (step, margin[inside].min())
+    measured.append(int(drift_checked))
+  assert measured[0] == weighted
+  assert min(measured[1:]) < weighted // 4, measured
+
+
+def np_factor_regret_at(true_scores, reference, keys, queries):
+  """Per-cell regret of the first maximiser of <query, key> over the support (float64),
+  for any shape (C, U, r)."""
+  n_contexts, n_users = queries.shape[:2]
+  regret = np.zeros((n_contexts, n_users))
+  for c in range(n_contexts):
+    support = reference[c] > 0
+    for u in range(n_users):
+      scores = np.asarray(keys[c], np.float64) @ np.asarray(queries[c, u], np.float64)
+      chosen = np_greedy(scores, support)
+      regret[c, u] = true_scores[c, u][support].max() - true_scores[c, u, chosen]
+  return regret
 
 
 def test_certified_tables_need_label_rows_a_multiple_of_eight_wide():

@@ -10,10 +10,20 @@
 // place (the outputs alias the inputs). jaxbandit/metrics.py
 // (certified_cell_values) calls it; docs/architecture.md describes the pass.
 //
+// Most cells are not even read: a query g_cu is linear in the user's vector
+// w_u with ||g_cu - g'_cu|| <= scale_c ||w_u - w'_u||, so each cell keeps an
+// allowance, how far w_u may still drift (summed over calls) before the
+// query could reach the radius. A call subtracts each user's drift since the
+// last call from its cells' allowances and measures the distance of only the
+// cells whose allowance ran out; those still inside their radius get a new
+// allowance, the others are re-scored. The cells re-scored are the ones an
+// exact test of every cell would find: the bound only skips cells whose
+// query is certainly inside.
+//
 // Scores are summed in factor order, as metrics._sum_of_products does (with
 // fused multiply-adds, as XLA:CPU compiles that sum), and the radius is the one metrics._rescore gives a single candidate:
-//   min over other slots b of (top - s_b - allowance) / (||k_b - k_a|| (1 + 1e-6)),
-//   allowance = 1e-5 (1 + ||g|| max_a ||k_a||).
+//   min over other slots b of (top - s_b - rounding) / (||k_b - k_a|| (1 + 1e-6)),
+//   rounding = 1e-5 (1 + ||g|| max_a ||k_a||).
 // Built on first use by jaxbandit/native.py; never compiled into the package.
 
 #include <algorithm>
@@ -44,6 +54,8 @@ inline Lanes Load(const float* row, int64_t b) {
 }
 
 ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
+                               ffi::Buffer<ffi::F32> user_vectors, // (U, q) w_u, the queries' parameters
+                               ffi::Buffer<ffi::F32> query_scale,  // (C,) ||dq_cu|| <= scale_c ||dw_u||
                                ffi::Buffer<ffi::F32> weights,      // (C, U) cell weights
                                ffi::Buffer<ffi::F32> key_planes,   // (r, C, V) slot keys
                                ffi::Buffer<ffi::S32> labels,       // (C, V) slot actions
@@ -53,23 +65,36 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
                                ffi::Buffer<ffi::F32> anchor_in,    // (C, U, r)
                                ffi::Buffer<ffi::F32> radius_in,    // (C, U)
                                ffi::Buffer<ffi::F32> value_in,     // (C, U)
+                               ffi::Buffer<ffi::F32> allowance_in, // (C, U)
+                               ffi::Buffer<ffi::F32> previous_in,  // (U, q) w_u at the last call
                                ffi::ResultBuffer<ffi::F32> anchor_out,
                                ffi::ResultBuffer<ffi::F32> radius_out,
                                ffi::ResultBuffer<ffi::F32> value_out,
-                               ffi::ResultBuffer<ffi::S32> n_due_out) {
+                               ffi::ResultBuffer<ffi::F32> allowance_out,
+                               ffi::ResultBuffer<ffi::F32> previous_out,
+                               ffi::ResultBuffer<ffi::S32> counts_out) {
   const auto qd = queries.dimensions();
   const auto kd = key_planes.dimensions();
+  const auto wd = user_vectors.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || kd[0] != qd[2] || kd[1] != qd[0]) {
     return ffi::Error::InvalidArgument(
         "certified_rescan: queries (C, U, r) and key_planes (r, C, V) disagree");
   }
+  if (wd.size() != 2 || wd[0] != qd[1] || query_scale.dimensions().size() != 1 ||
+      query_scale.dimensions()[0] != qd[0]) {
+    return ffi::Error::InvalidArgument(
+        "certified_rescan: user_vectors (U, q) or query_scale (C,) disagree with queries (C, U, r)");
+  }
   const int64_t n_contexts = qd[0], n_users = qd[1], r = qd[2], width = kd[2];
+  const int64_t q = wd[1];
   const int64_t n_actions = true_scores.dimensions().back();
   if (width % kLanes != 0) {
     return ffi::Error::InvalidArgument("certified_rescan: the label width must be a multiple of 8");
   }
   const int64_t cells = n_contexts * n_users;
   const float* query = queries.typed_data();
+  const float* vectors = user_vectors.typed_data();
+  const float* scale = query_scale.typed_data();
   const float* weight = weights.typed_data();
   const float* k_planes = key_planes.typed_data();
   const int32_t* label_rows = labels.typed_data();
@@ -79,26 +104,94 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
   float* anchor = anchor_out->typed_data();
   float* radius = radius_out->typed_data();
   float* value = value_out->typed_data();
+  float* allowance = allowance_out->typed_data();
+  float* previous = previous_out->typed_data();
   // The outputs alias the inputs (input_output_aliases); copy if XLA did not.
   if (anchor != anchor_in.typed_data()) std::memcpy(anchor, anchor_in.typed_data(), cells * r * sizeof(float));
   if (radius != radius_in.typed_data()) std::memcpy(radius, radius_in.typed_data(), cells * sizeof(float));
   if (value != value_in.typed_data()) std::memcpy(value, value_in.typed_data(), cells * sizeof(float));
+  if (allowance != allowance_in.typed_data()) std::memcpy(allowance, allowance_in.typed_data(), cells * sizeof(float));
+  if (previous != previous_in.typed_data()) std::memcpy(previous, previous_in.typed_data(), n_users * q * sizeof(float));
+
+  // Each user's drift since the last call, ||w_u - w_u'|| (an upper bound: the
+  // relative margin covers its float32 rounding), and ||w_u||. The rounding of
+  // a query, <= (q + 4) 2^-22 ||w_u|| scale_c counted at both ends, is kept
+  // out of every allowance (kRounding) and grows the drift (kDriftMargin).
+  const float kRounding = float(q + 4) * 0x1p-22f;
+  const float kDriftMargin = 1.0f + 1e-5f + 4.0f * kRounding;
+  std::vector<float> drift(n_users), user_norm(n_users);
+  for (int64_t u = 0; u < n_users; ++u) {
+    const float* w = vectors + u * q;
+    float* before = previous + u * q;
+    float moved2 = 0.0f, norm2 = 0.0f;
+    for (int64_t j = 0; j < q; ++j) {
+      moved2 += (w[j] - before[j]) * (w[j] - before[j]);
+      norm2 += w[j] * w[j];
+      before[j] = w[j];
+    }
+    const float moved = std::sqrt(moved2) * kDriftMargin;
+    drift[u] = std::isfinite(moved) ? moved : kInf;  // NaN: every cell of the user is checked
+    user_norm[u] = std::sqrt(norm2);
+  }
+  // The allowance a cell keeps after an exact check at distance `dist` from its
+  // anchor: how far w_u may still move, less rounding (<= 0: checked next call).
+  // The relative margins (1e-5) cover the rounding of the distance, of `room`
+  // and of the division, so a query inside the allowance passes the exact test.
+  auto allowance_after = [&](int64_t c, int64_t u, float rad, float dist) {
+    if (!(rad > 0.0f)) return -kInf;
+    const float room = rad * (1.0f - 1e-5f) - dist * (1.0f + 1e-5f);
+    if (!(room > 0.0f)) return -kInf;
+    return room / scale[c] - 2.0f * kRounding * user_norm[u];  // scale 0: the query never moves
+  };
 
   const int64_t blocks = width / kLanes;
   std::vector<Lanes> scores(blocks);
   std::vector<int64_t> greedy(n_users);  // the context's new greedy slot per user, -1 if none
-  int32_t n_due = 0;
+  std::vector<int64_t> check(n_users);  // the context's cells whose allowance ran out
+  int32_t n_due = 0, n_checked = 0;
   for (int64_t c = 0; c < n_contexts; ++c) {
     std::fill(greedy.begin(), greedy.end(), -1);
-    for (int64_t u = 0; u < n_users; ++u) {
+    // The drift bound first: every query of user u moved at most scale_c times
+    // the drift of w_u, so a cell whose allowance covers the drift is still
+    // certified without reading its query. Allowances shrink by the drift
+    // rounded up (a - d - a 2^-22 <= a - d in float32); the others are checked.
+    int64_t n_check = 0;
+    float* row_allowance = allowance + c * n_users;
+    const float* row_weight = weight + c * n_users;
+    const float* row_radius = radius + c * n_users;
+    int64_t u0 = 0;
+    for (; u0 + kLanes <= n_users; u0 += kLanes) {
+      Lanes left, d, w, rad;
+      std::memcpy(&left, row_allowance + u0, sizeof(Lanes));
+      std::memcpy(&d, drift.data() + u0, sizeof(Lanes));
+      std::memcpy(&w, row_weight + u0, sizeof(Lanes));
+      std::memcpy(&rad, row_radius + u0, sizeof(Lanes));
+      left = (left - d) - left * 0x1p-22f;
+      std::memcpy(row_allowance + u0, &left, sizeof(Lanes));
+      const Slots quiet = (rad > 0.0f) & (left > 0.0f);
+      const Slots due = (w > 0.0f) & ~quiet;
+      for (int l = 0; l < kLanes; ++l) {
+        if (due[l]) check[n_check++] = u0 + l;
+      }
+    }
+    for (; u0 < n_users; ++u0) {
+      const float left = (row_allowance[u0] - drift[u0]) - row_allowance[u0] * 0x1p-22f;
+      row_allowance[u0] = left;
+      if (row_weight[u0] > 0.0f && !(row_radius[u0] > 0.0f && left > 0.0f)) check[n_check++] = u0;
+    }
+    n_checked += int32_t(n_check);
+    for (int64_t i = 0; i < n_check; ++i) {
+      const int64_t u = check[i];
       const int64_t cell = c * n_users + u;
-      if (!(weight[cell] > 0.0f)) continue;  // never drawn, counts in no average
       const float* g = query + cell * r;
       float* a = anchor + cell * r;
       float moved2 = 0.0f;
       for (int64_t j = 0; j < r; ++j) moved2 += (g[j] - a[j]) * (g[j] - a[j]);
       // Certified: the query is still inside the cell's radius (NaN: not certified).
-      if (radius[cell] > 0.0f && moved2 < radius[cell] * radius[cell]) continue;
+      if (radius[cell] > 0.0f && moved2 < radius[cell] * radius[cell]) {
+        row_allowance[u] = allowance_after(c, u, radius[cell], std::sqrt(moved2));
+        continue;
+      }
       ++n_due;
       float norm2 = 0.0f;  // only a due cell's norm is needed
       for (int64_t j = 0; j < r; ++j) norm2 += g[j] * g[j];
@@ -144,22 +237,24 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
         // No score above -inf: action 0's R*, as the fused pass keeps.
         value[cell] = values[cell * n_actions + (best < 0 ? 0 : label_rows[c * width + best])];
         radius[cell] = -kInf;
+        row_allowance[u] = -kInf;
         continue;
       }
       greedy[u] = best;
-      const float allowance = 1e-5f * (1.0f + std::sqrt(norm2) * norms[c]);
+      const float rounding = 1e-5f * (1.0f + std::sqrt(norm2) * norms[c]);
       const float* gap = gaps + (c * width + best) * width;
       Lanes nearest = kInf - Lanes{};
       for (int64_t b = 0; b < blocks; ++b) {
         // Gap 0: the greedy slot itself, or a slot with its key, which never overtakes it.
         const Lanes inverse = Load(gap, b);
-        const Lanes ratio = ((top - scores[b]) - allowance) * inverse;
+        const Lanes ratio = ((top - scores[b]) - rounding) * inverse;
         const Lanes candidate = inverse > 0.0f ? ratio : kInf - Lanes{};
         nearest = candidate < nearest ? candidate : nearest;
       }
       float low = kInf;
       for (int l = 0; l < kLanes; ++l) low = nearest[l] < low ? nearest[l] : low;
       radius[cell] = low;
+      row_allowance[u] = allowance_after(c, u, low, 0.0f);
     }
     // The true scores of the context's greedy actions, read once every slot is
     // known: independent loads, so the memory system overlaps them.
@@ -169,7 +264,8 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       value[cell] = values[cell * n_actions + label_rows[c * width + greedy[u]]];
     }
   }
-  n_due_out->typed_data()[0] = n_due;
+  counts_out->typed_data()[0] = n_due;
+  counts_out->typed_data()[1] = n_checked;
   return ffi::Error::Success();
 }
 
@@ -178,6 +274,8 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditCertifiedRescan, CertifiedRescanImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // queries
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // user_vectors
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // query_scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weights
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_planes
                                   .Arg<ffi::Buffer<ffi::S32>>()  // labels
@@ -187,7 +285,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditCertifiedRescan, CertifiedRescanImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // anchor
                                   .Arg<ffi::Buffer<ffi::F32>>()  // radius
                                   .Arg<ffi::Buffer<ffi::F32>>()  // value
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // allowance
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // previous
                                   .Ret<ffi::Buffer<ffi::F32>>()  // anchor
                                   .Ret<ffi::Buffer<ffi::F32>>()  // radius
                                   .Ret<ffi::Buffer<ffi::F32>>()  // value
-                                  .Ret<ffi::Buffer<ffi::S32>>());  // cells re-scored
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // allowance
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // previous
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // (cells re-scored, cells checked)
