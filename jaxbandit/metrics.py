@@ -552,6 +552,8 @@ class CertifiedTables(NamedTuple):
   Attributes:
     subset: the :class:`ActionSubset` the pass visits.
     key_norm: (C,) ``max_a ||k_ca||`` over every action (the rounding allowance).
+    inverse_gap: (C, V, V) ``1 / (||k_v - k_w|| (1 + 1e-6))`` between the slots'
+      keys, 0 where they are equal.
     query_scale: (C,) how far a query of context c can move per unit of its
       user vector's move: ``||g_cu - g'_cu|| <= query_scale[c] ||w_u - w'_u||``
       (``learners.Learner.query_scale``); ``inf`` where nothing is known, so
@@ -560,6 +562,7 @@ class CertifiedTables(NamedTuple):
 
   subset: ActionSubset
   key_norm: jax.Array
+  inverse_gap: jax.Array
   query_scale: jax.Array
 
 
@@ -584,13 +587,17 @@ def certified_tables(truth: TruthTables, keys, subset: ActionSubset,
   if subset.labels.shape[1] % 8:
     raise ValueError(f"the certified pass needs label rows a multiple of 8 wide, "
                      f"got {subset.labels.shape[1]}")
+  slot_keys = jnp.moveaxis(subset.key_planes, 0, -1)  # (C, V, r)
+  gap = jnp.sqrt(sum((slot_keys[:, :, None, j] - slot_keys[:, None, :, j])**2
+                     for j in range(slot_keys.shape[-1])))  # (C, V, V)
+  inverse = jnp.where(gap > 0, 1.0 / (jnp.where(gap > 0, gap, 1.0) * (1.0 + 1e-6)), 0.0)
   n_contexts = subset.labels.shape[0]
   if query_scale is None:
     query_scale = jnp.full((n_contexts,), jnp.inf, jnp.float32)
   query_scale = jnp.asarray(query_scale, jnp.float32)
   if query_scale.shape != (n_contexts,):
     raise ValueError(f"query_scale must have shape ({n_contexts},), got {query_scale.shape}")
-  return CertifiedTables(subset, key_norms(keys), query_scale)
+  return CertifiedTables(subset, key_norms(keys), inverse, query_scale)
 
 
 class CertifiedCells(NamedTuple):
@@ -675,11 +682,11 @@ def certified_cell_values(truth: TruthTables, tables: CertifiedTables, cells: Ce
                       jax.ShapeDtypeStruct(cells.allowance.shape, jnp.float32),
                       jax.ShapeDtypeStruct(cells.previous.shape, jnp.float32),
                       jax.ShapeDtypeStruct((2,), jnp.int32)),
-      vmap_method="sequential", input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3, 12: 4})
+      vmap_method="sequential", input_output_aliases={9: 0, 10: 1, 11: 2, 12: 3, 13: 4})
   anchor, radius, value, allowance, previous, counts = rescan(
       queries.astype(jnp.float32), user_vectors.astype(jnp.float32), scale,
       truth.weights.astype(jnp.float32), subset.key_planes,
-      subset.labels, truth.scores, tables.key_norm,
+      subset.labels, truth.scores, tables.key_norm, tables.inverse_gap,
       cells.anchor, cells.radius, cells.value, cells.allowance, cells.previous)
   return CertifiedCells(anchor, radius, value, allowance, previous), value, counts[0], counts[1]
 

@@ -905,8 +905,10 @@ def estimate_memory_bytes(config: SimulationConfig, n_populations: int, n_users:
       "records_host": lanes * (config.horizon + chunk_size * (chunk_size < config.horizon)) * 36,
       "records_device": lanes * chunk_size * 9 * 4,
       # R*, R* action-major, the R* of the actions the regret pass visits (at
-      # most all of them) and the per-cell tables
-      "truth": n_populations * 4 * n_contexts * n_users * (3 * n_actions + 4),
+      # most all of them) and the per-cell tables; the certified pass's
+      # inverse key gaps between the visited actions (C, V, V)
+      "truth": n_populations * 4 * (n_contexts * n_users * (3 * n_actions + 4) +
+                                    certified * n_contexts * n_actions * n_actions),
   }
   if resolve_batching(config) == "vmap":
     # vmapped temporaries per lane: the regret pass's (C, U) planes (queries,

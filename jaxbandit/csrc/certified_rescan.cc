@@ -23,8 +23,7 @@
 // Scores are summed in factor order, as metrics._sum_of_products does (with
 // fused multiply-adds, as XLA:CPU compiles that sum), and the radius is the one metrics._rescore gives a single candidate:
 //   min over other slots b of (top - s_b - rounding) / (||k_b - k_a|| (1 + 1e-6)),
-//   rounding = 1e-5 (1 + ||g|| max_a ||k_a||),
-// with the key gaps computed from the keys (slots with the greedy one's key skipped).
+//   rounding = 1e-5 (1 + ||g|| max_a ||k_a||).
 // Built on first use by jaxbandit/native.py; never compiled into the package.
 
 #include <algorithm>
@@ -32,7 +31,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -47,8 +45,6 @@ typedef float Lanes __attribute__((vector_size(4 * kLanes)));
 typedef int32_t Slots __attribute__((vector_size(4 * kLanes)));
 constexpr Slots kIota = {0, 1, 2, 3, 4, 5, 6, 7};
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int kMaxFactors = 64;  // r at most this (checked)
-constexpr float kGapMargin2 = (1.0f + 1e-6f) * (1.0f + 1e-6f);  // the gap's (1 + 1e-6), squared
 
 // Block b of a row of floats (one unaligned vector load).
 inline Lanes Load(const float* row, int64_t b) {
@@ -65,6 +61,7 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
                                ffi::Buffer<ffi::S32> labels,       // (C, V) slot actions
                                ffi::Buffer<ffi::F32> true_scores,  // (C, U, A) R*
                                ffi::Buffer<ffi::F32> key_norm,     // (C,) max_a ||k_a||
+                               ffi::Buffer<ffi::F32> inverse_gap,  // (C, V, V) 1 / (||k_v - k_w|| (1 + 1e-6)), 0 if equal
                                ffi::Buffer<ffi::F32> anchor_in,    // (C, U, r)
                                ffi::Buffer<ffi::F32> radius_in,    // (C, U)
                                ffi::Buffer<ffi::F32> value_in,     // (C, U)
@@ -91,9 +88,6 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
   const int64_t n_contexts = qd[0], n_users = qd[1], r = qd[2], width = kd[2];
   const int64_t q = wd[1];
   const int64_t n_actions = true_scores.dimensions().back();
-  if (r > kMaxFactors) {
-    return ffi::Error::InvalidArgument("certified_rescan: at most 64 factors");
-  }
   if (width % kLanes != 0) {
     return ffi::Error::InvalidArgument("certified_rescan: the label width must be a multiple of 8");
   }
@@ -106,6 +100,7 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
   const int32_t* label_rows = labels.typed_data();
   const float* values = true_scores.typed_data();
   const float* norms = key_norm.typed_data();
+  const float* gaps = inverse_gap.typed_data();
   float* anchor = anchor_out->typed_data();
   float* radius = radius_out->typed_data();
   float* value = value_out->typed_data();
@@ -151,11 +146,11 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
 
   const int64_t blocks = width / kLanes;
   std::vector<Lanes> scores(blocks);
-  std::vector<std::pair<int64_t, int32_t>> found;  // (cell, greedy action) of the cells re-scored
-  found.reserve(1024);
+  std::vector<int64_t> greedy(n_users);  // the context's new greedy slot per user, -1 if none
   std::vector<int64_t> check(n_users);  // the context's cells whose allowance ran out
   int32_t n_due = 0, n_checked = 0;
   for (int64_t c = 0; c < n_contexts; ++c) {
+    std::fill(greedy.begin(), greedy.end(), -1);
     // The drift bound first: every query of user u moved at most scale_c times
     // the drift of w_u, so a cell whose allowance covers the drift is still
     // certified without reading its query. Allowances shrink by the drift
@@ -245,38 +240,30 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
         row_allowance[u] = -kInf;
         continue;
       }
-      const int32_t action = label_rows[c * width + best];
-      found.push_back({cell, action});
-      __builtin_prefetch(values + cell * n_actions + action);  // read at the end of the call
+      greedy[u] = best;
       const float rounding = 1e-5f * (1.0f + std::sqrt(norm2) * norms[c]);
-      // The gaps ||k_b - k_a|| from the keys (in cache: just scored) rather than a
-      // (C, V, V) table, whose rows missed the cache late in a run. On squares: the
-      // smallest signed square of (top - s_b - rounding) / gap, one root at the end.
-      float greedy_key[kMaxFactors];
-      for (int64_t j = 0; j < r; ++j) greedy_key[j] = k_planes[(j * n_contexts + c) * width + best];
+      const float* gap = gaps + (c * width + best) * width;
       Lanes nearest = kInf - Lanes{};
       for (int64_t b = 0; b < blocks; ++b) {
-        Lanes gap2 = Lanes{};
-        for (int64_t j = 0; j < r; ++j) {
-          const Lanes diff = Load(k_planes + (j * n_contexts + c) * width, b) - greedy_key[j];
-          gap2 += diff * diff;
-        }
-        const Lanes room = (top - scores[b]) - rounding;
-        const Lanes signed2 = (room * (room < 0.0f ? -room : room)) / (gap2 * kGapMargin2);
         // Gap 0: the greedy slot itself, or a slot with its key, which never overtakes it.
-        const Lanes candidate = gap2 > 0.0f ? signed2 : kInf - Lanes{};
+        const Lanes inverse = Load(gap, b);
+        const Lanes ratio = ((top - scores[b]) - rounding) * inverse;
+        const Lanes candidate = inverse > 0.0f ? ratio : kInf - Lanes{};
         nearest = candidate < nearest ? candidate : nearest;
       }
       float low = kInf;
       for (int l = 0; l < kLanes; ++l) low = nearest[l] < low ? nearest[l] : low;
-      low = low < 0.0f ? -std::sqrt(-low) : std::sqrt(low);
       radius[cell] = low;
       row_allowance[u] = allowance_after(c, u, low, 0.0f);
     }
+    // The true scores of the context's greedy actions, read once every slot is
+    // known: independent loads, so the memory system overlaps them.
+    for (int64_t u = 0; u < n_users; ++u) {
+      if (greedy[u] < 0) continue;
+      const int64_t cell = c * n_users + u;
+      value[cell] = values[cell * n_actions + label_rows[c * width + greedy[u]]];
+    }
   }
-  // The true scores of the greedy actions found, read once every cell is done:
-  // independent loads (prefetched), so the memory system overlaps their misses.
-  for (const auto& [cell, action] : found) value[cell] = values[cell * n_actions + action];
   counts_out->typed_data()[0] = n_due;
   counts_out->typed_data()[1] = n_checked;
   return ffi::Error::Success();
@@ -294,6 +281,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditCertifiedRescan, CertifiedRescanImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // labels
                                   .Arg<ffi::Buffer<ffi::F32>>()  // true_scores
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_norm
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // inverse_gap
                                   .Arg<ffi::Buffer<ffi::F32>>()  // anchor
                                   .Arg<ffi::Buffer<ffi::F32>>()  // radius
                                   .Arg<ffi::Buffer<ffi::F32>>()  // value
