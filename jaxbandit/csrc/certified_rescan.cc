@@ -45,6 +45,7 @@ typedef float Lanes __attribute__((vector_size(4 * kLanes)));
 typedef int32_t Slots __attribute__((vector_size(4 * kLanes)));
 constexpr Slots kIota = {0, 1, 2, 3, 4, 5, 6, 7};
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kBatch = 16;  // due cells scored before their radii are taken
 
 // Block b of a row of floats (one unaligned vector load).
 inline Lanes Load(const float* row, int64_t b) {
@@ -146,11 +147,42 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
 
   const int64_t blocks = width / kLanes;
   std::vector<Lanes> scores(blocks);
-  std::vector<int64_t> greedy(n_users);  // the context's new greedy slot per user, -1 if none
   std::vector<int64_t> check(n_users);  // the context's cells whose allowance ran out
   int32_t n_due = 0, n_checked = 0;
+  // Due cells scored and waiting for their radius and value (at most kBatch, from
+  // any contexts: late in a run a context has one or two).
+  struct Pending {
+    int64_t cell, user;
+    const float* gap;  // the gap table's row of the greedy slot
+    int32_t action;    // the greedy action
+    float top, rounding;
+  };
+  std::vector<Pending> pending(kBatch);
+  std::vector<Lanes> pending_scores(kBatch * blocks);
+  int64_t n_pending = 0;
+  // The radius of each pending cell (min over other slots of (top - s_b -
+  // rounding) / gap), its new allowance and its value.
+  auto finish_batch = [&]() {
+    for (int64_t i = 0; i < n_pending; ++i) {
+      const Pending& cell = pending[i];
+      const Lanes* cell_scores = pending_scores.data() + i * blocks;
+      Lanes nearest = kInf - Lanes{};
+      for (int64_t b = 0; b < blocks; ++b) {
+        // Gap 0: the greedy slot itself, or a slot with its key, which never overtakes it.
+        const Lanes inverse = Load(cell.gap, b);
+        const Lanes ratio = ((cell.top - cell_scores[b]) - cell.rounding) * inverse;
+        const Lanes candidate = inverse > 0.0f ? ratio : kInf - Lanes{};
+        nearest = candidate < nearest ? candidate : nearest;
+      }
+      float low = kInf;
+      for (int l = 0; l < kLanes; ++l) low = nearest[l] < low ? nearest[l] : low;
+      radius[cell.cell] = low;
+      allowance[cell.cell] = allowance_after(cell.cell / n_users, cell.user, low, 0.0f);
+      value[cell.cell] = values[cell.cell * n_actions + cell.action];
+    }
+    n_pending = 0;
+  };
   for (int64_t c = 0; c < n_contexts; ++c) {
-    std::fill(greedy.begin(), greedy.end(), -1);
     // The drift bound first: every query of user u moved at most scale_c times
     // the drift of w_u, so a cell whose allowance covers the drift is still
     // certified without reading its query. Allowances shrink by the drift
@@ -240,30 +272,20 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
         row_allowance[u] = -kInf;
         continue;
       }
-      greedy[u] = best;
-      const float rounding = 1e-5f * (1.0f + std::sqrt(norm2) * norms[c]);
+      // The radius needs the row (c, best) of the gap table and the value R*: both
+      // miss the cache when due cells are scattered (late in a run), so they are
+      // prefetched now and used once a batch of due cells has been scored.
       const float* gap = gaps + (c * width + best) * width;
-      Lanes nearest = kInf - Lanes{};
-      for (int64_t b = 0; b < blocks; ++b) {
-        // Gap 0: the greedy slot itself, or a slot with its key, which never overtakes it.
-        const Lanes inverse = Load(gap, b);
-        const Lanes ratio = ((top - scores[b]) - rounding) * inverse;
-        const Lanes candidate = inverse > 0.0f ? ratio : kInf - Lanes{};
-        nearest = candidate < nearest ? candidate : nearest;
-      }
-      float low = kInf;
-      for (int l = 0; l < kLanes; ++l) low = nearest[l] < low ? nearest[l] : low;
-      radius[cell] = low;
-      row_allowance[u] = allowance_after(c, u, low, 0.0f);
-    }
-    // The true scores of the context's greedy actions, read once every slot is
-    // known: independent loads, so the memory system overlaps them.
-    for (int64_t u = 0; u < n_users; ++u) {
-      if (greedy[u] < 0) continue;
-      const int64_t cell = c * n_users + u;
-      value[cell] = values[cell * n_actions + label_rows[c * width + greedy[u]]];
+      for (int64_t f = 0; f < width; f += 64 / int64_t(sizeof(float))) __builtin_prefetch(gap + f);
+      const int32_t action = label_rows[c * width + best];
+      __builtin_prefetch(values + cell * n_actions + action);
+      Pending& next = pending[n_pending];
+      next = {cell, u, gap, action, top, 1e-5f * (1.0f + std::sqrt(norm2) * norms[c])};
+      std::copy(scores.begin(), scores.end(), pending_scores.begin() + n_pending * blocks);
+      if (++n_pending == kBatch) finish_batch();
     }
   }
+  finish_batch();
   counts_out->typed_data()[0] = n_due;
   counts_out->typed_data()[1] = n_checked;
   return ffi::Error::Success();
