@@ -85,10 +85,9 @@ class SimulationConfig:
       two paths may break differently: at paper size 11 of 16,000
       seed-rounds differed between 'certified' and 'full', each in one cell,
       by 1e-4 to 1e-3 of the round's regret. On the 2-core benchmark CPU
-      'certified' made late rounds 1.1-1.4x faster than 'full' at 100 users
-      and the 3-population paper-users job 1.3x faster (its padded users are
-      never scored); it is slower over the first ~250 rounds, while most
-      cells move. 'full' was 1.4x faster than the candidate cache at 100
+      'certified' made late rounds (t = 2,000-4,000) 1.6-1.7x faster than
+      'full' at 100 users, one core each (padded users are never scored); it
+      is slower over the first ~300 rounds, while most cells move. 'full' was 1.4x faster than the candidate cache at 100
       users x 2,000 rounds; under 'vmap' every branch of the cache's update
       runs each round, which makes the cache about 2.5x slower.
     rescore_budget: cells re-scored one by one before falling back to a full
