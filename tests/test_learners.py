@@ -749,6 +749,30 @@ def test_score_factors_reproduce_explicit_scores(name, inst, rng):
     assert queries.shape[-1] == inst.contexts.shape[-1]
 
 
+@pytest.mark.parametrize("name", ["known_heads", "per_user_bilinear", "pooled",
+                                  "known_directions"])
+def test_query_scale_bounds_how_far_queries_move_with_the_user_vectors(name, inst, rng):
+  """The certified pass's drift bound: between two estimates, every query moves at most
+  ``query_scale[c]`` times as far as its user's vector (distances in float64); the
+  scale is ``||x_c||`` (rounded up) for bilinear classes and 1 for the others."""
+  model = L.make_model_class(name, inst)
+  scale = np.asarray(L.query_scale(model), np.float64)
+  bilinear = name != "known_directions"
+  contexts = np.asarray(inst.contexts, np.float64)
+  expected = np.linalg.norm(contexts, axis=1) if bilinear else np.ones(len(contexts))
+  np.testing.assert_allclose(scale, expected, rtol=2e-6)
+  assert np.all(scale >= expected)  # rounded up
+  for _ in range(3):
+    a, b = (rng.standard_normal(model.param_shape) for _ in range(2))
+    queries = [np.asarray(L.score_queries(model, jnp.asarray(t, jnp.float32)), np.float64)
+               for t in (a, b)]
+    vectors = [np.asarray(L.user_vectors(model, jnp.asarray(t, jnp.float32)), np.float64)
+               for t in (a, b)]
+    moved = np.linalg.norm(queries[0] - queries[1], axis=-1)  # (C, U)
+    drift = np.linalg.norm(vectors[0] - vectors[1], axis=-1)  # (U,)
+    assert np.all(moved <= scale[:, None] * drift[None, :] * (1 + 1e-5) + 1e-5)
+
+
 def test_latent_first_scores_match_explicit(inst, rng):
   model = L.make_model_class("known_heads", inst)
   theta = rng.standard_normal(model.param_shape)
