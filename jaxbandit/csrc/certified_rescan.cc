@@ -203,7 +203,8 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       const Slots quiet = (rad > 0.0f) & (left > 0.0f);
       const Slots due = (w > 0.0f) & ~quiet;
       for (int l = 0; l < kLanes; ++l) {
-        if (due[l]) check[n_check++] = u0 + l;
+        check[n_check] = u0 + l;  // kept only where due: no branch per cell
+        n_check += due[l] != 0;
       }
     }
     for (; u0 < n_users; ++u0) {
@@ -256,9 +257,12 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
           slot = ahead ? kIota + int32_t(b * kLanes) : slot;
         }
         for (int l = 0; l < kLanes; ++l) top = high[l] > top ? high[l] : top;
+        int32_t first = std::numeric_limits<int32_t>::max();
         for (int l = 0; l < kLanes; ++l) {
-          if (high[l] == top && (best < 0 || slot[l] < best)) best = slot[l];
+          const int32_t candidate = high[l] == top ? slot[l] : std::numeric_limits<int32_t>::max();
+          first = candidate < first ? candidate : first;
         }
+        best = first == std::numeric_limits<int32_t>::max() ? -1 : first;  // no lane reached top (NaN)
       } else {  // a non-finite query: the full pass's rule, the first score above the best so far
         for (int64_t v = 0; v < width; ++v) {
           const float s = scores[v / kLanes][v % kLanes];
