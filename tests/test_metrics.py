@@ -235,11 +235,12 @@ def random_factors(seed):
 
 
 def np_factor_regret(true_scores, weights, reference, keys, queries):
-  """Per-cell regret of the first maximiser of <query, key> (float64 double loop)."""
+  """Per-cell regret of the first maximiser of <query, key> over the support (float64
+  double loop; queries (C, U, r) of any size)."""
   regret = np.zeros(weights.shape)
-  for c in range(N_CONTEXTS):
+  for c in range(weights.shape[0]):
     support = reference[c] > 0
-    for u in range(N_USERS):
+    for u in range(weights.shape[1]):
       scores = np.asarray(keys[c], np.float64) @ np.asarray(queries[c, u], np.float64)
       chosen = np_greedy(scores, support)
       regret[c, u] = true_scores[c, u][support].max() - true_scores[c, u, chosen]
@@ -695,7 +696,7 @@ def test_certified_drift_bound_skips_only_cells_inside_their_radius():
                                         measured_tables)
     drifting, drift_value, drift_due, drift_checked = update(
         drifting, jnp.asarray(queries), flat, drift_tables)
-    expected = np_factor_regret_at(true_scores, reference, keys, queries)
+    expected = np_factor_regret(true_scores, weights, reference, keys, queries)
     got = np.asarray(truth.best) - np.asarray(drift_value)
     np.testing.assert_allclose(got[weights > 0], expected[weights > 0], atol=1e-6,
                                err_msg=f"step {step}")
@@ -715,20 +716,6 @@ def test_certified_drift_bound_skips_only_cells_inside_their_radius():
     measured.append(int(drift_checked))
   assert measured[0] == weighted
   assert min(measured[1:]) < weighted // 4, measured
-
-
-def np_factor_regret_at(true_scores, reference, keys, queries):
-  """Per-cell regret of the first maximiser of <query, key> over the support (float64),
-  for any shape (C, U, r)."""
-  n_contexts, n_users = queries.shape[:2]
-  regret = np.zeros((n_contexts, n_users))
-  for c in range(n_contexts):
-    support = reference[c] > 0
-    for u in range(n_users):
-      scores = np.asarray(keys[c], np.float64) @ np.asarray(queries[c, u], np.float64)
-      chosen = np_greedy(scores, support)
-      regret[c, u] = true_scores[c, u][support].max() - true_scores[c, u, chosen]
-  return regret
 
 
 def test_certified_tables_need_label_rows_a_multiple_of_eight_wide():
