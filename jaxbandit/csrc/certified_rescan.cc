@@ -146,7 +146,6 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
   };
 
   const int64_t blocks = width / kLanes;
-  std::vector<Lanes> scores(blocks);
   std::vector<int64_t> check(n_users);  // the context's cells whose allowance ran out
   int32_t n_due = 0, n_checked = 0;
   // Due cells scored and waiting for their radius and value (at most kBatch, from
@@ -229,6 +228,8 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       float norm2 = 0.0f;  // only a due cell's norm is needed
       for (int64_t j = 0; j < r; ++j) norm2 += g[j] * g[j];
       for (int64_t j = 0; j < r; ++j) a[j] = g[j];
+      // Scored straight into the batch's next slot (kept only if the cell is queued).
+      Lanes* scores = pending_scores.data() + n_pending * blocks;
       // Scores in factor order, a block of kLanes slots at a time: s = g_0 k_0,
       // then s = fma(g_j, k_j, s), one rounding per factor, as XLA:CPU's fused
       // pass (metrics._greedy_pass) mostly contracts its products and sums: the
@@ -285,7 +286,6 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       __builtin_prefetch(values + cell * n_actions + action);
       Pending& next = pending[n_pending];
       next = {cell, u, gap, action, top, 1e-5f * (1.0f + std::sqrt(norm2) * norms[c])};
-      std::copy(scores.begin(), scores.end(), pending_scores.begin() + n_pending * blocks);
       if (++n_pending == kBatch) finish_batch();
     }
   }
