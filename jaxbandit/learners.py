@@ -1039,11 +1039,12 @@ class Learner(NamedTuple):
       that a batched simulation runs its Newton fallback only for the lanes
       that need it.
     user_vectors: optional ``(params) -> (n_users, q)``, the per-user vectors
-      ``score_queries`` is linear in, with
+      ``score_queries`` is linear in.
     query_scale: optional (n_contexts,) bound ``||queries[c, i] - queries'[c, i]||
       <= query_scale[c] ||w_i - w'_i||`` between any two estimates (rounded
-      up). With both the certified regret pass measures only the cells whose
-      user vector has drifted far enough (``metrics.CertifiedCells``).
+      up). With both, the certified regret pass measures only the cells whose
+      user vector has drifted far enough (``metrics.CertifiedCells``); without
+      ``user_vectors`` it measures every cell.
   """
 
   init: Callable

@@ -385,8 +385,8 @@ def _regret_tables(config: SimulationConfig, instance: Instance, learner: learne
   if uses_certified_regret(config, learner):
     visited = subset if subset is not None else metrics.action_subset(
         truth, learner.score_keys, metrics.supported_labels(truth.support))
-    scale = learner.query_scale if learner.user_vectors is not None else None
-    certified = metrics.certified_tables(truth, learner.score_keys, visited, scale)
+    certified = metrics.certified_tables(truth, learner.score_keys, visited,
+                                         learner.query_scale)
   return truth, subset, certified
 
 
