@@ -411,6 +411,67 @@ def native_user_gradient(model, params, data: ChoiceData, n_rows=None):
                   jnp.asarray(rows, jnp.int32)).astype(params.dtype)
 
 
+def native_steps_apply(model: ModelClass, slate_size: int) -> bool:
+  """Whether :func:`native_carried_steps` handles ``model`` (static): the classes
+  :func:`native_user_gradient` handles whose parameters are shared (not per user)."""
+  return native_gradient_applies(model, slate_size) and not model.per_user
+
+
+def native_carried_steps(model, data: ChoiceData, n_rows, params, grad, direction, decrement,
+                         inverse, usable, ridge, threshold, floor, max_steps: int):
+  """The carried refit's quasi-Newton steps as one native call (CPU only).
+
+  The loop of :func:`carried_quasi_newton` for the classes of
+  :func:`native_steps_apply`: while ``usable``, the decrement above ``threshold``
+  and fewer than ``max_steps`` steps taken, a trial step ``params + direction``,
+  its gradient from the rows (the row pass of :func:`native_user_gradient`),
+  the BFGS update of ``inverse`` that :func:`_secant_update` would make (with
+  its ``floor``), the next direction ``-inverse @ grad`` and decrement; a step
+  is kept only if the decrement fell. ``csrc/user_gradient.cc`` runs it as one
+  custom call a refit instead of a dozen XLA operations a step, and applies
+  each step's update to a row of the inverse as the next step's pass reads it,
+  so k steps read the inverse k + 1 times instead of 2k. The arithmetic is
+  float32 as in XLA, summed in another order: iterates agree to rounding, not
+  bit for bit.
+
+  Args:
+    grad, direction, decrement: at ``params``: the penalised gradient over
+      ``data``, ``-inverse @ grad`` and ``grad^T inverse grad / 2``.
+    inverse: the carried inverse Hessian (p, p), the new row's Woodbury update applied.
+    usable: () bool, whether to take any step.
+    max_steps: most steps (static).
+
+  Returns:
+    ``(params, grad, decrement, inverse, steps)`` after the last kept step.
+  """
+  from jaxbandit import native
+
+  status = native.status()
+  if not status.available:
+    raise ValueError(f"the native quasi-Newton steps need the native CPU kernels, which are "
+                     f"not available: {status.reason}")
+  contexts, actions = model.outer_factors
+  capacity = data.contexts.shape[0]
+  rows = capacity if n_rows is None else n_rows
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  settings = jnp.stack([f32(ridge), f32(threshold), f32(floor)])
+  limits = jnp.stack([jnp.asarray(usable, jnp.int32), jnp.asarray(max_steps, jnp.int32)])
+  call = jax.ffi.ffi_call(
+      native.STEPS_TARGET,
+      (jax.ShapeDtypeStruct(params.shape, jnp.float32),
+       jax.ShapeDtypeStruct(params.shape, jnp.float32),
+       jax.ShapeDtypeStruct((), jnp.float32),
+       jax.ShapeDtypeStruct(inverse.shape, jnp.float32),
+       jax.ShapeDtypeStruct((), jnp.int32)),
+      vmap_method="sequential", input_output_aliases={15: 3})
+  new_params, new_grad, new_decrement, new_inverse, steps = call(
+      f32(model.embedding), f32(contexts), f32(actions), data.contexts, data.users,
+      data.slates, data.outcomes, f32(data.mask), jnp.asarray(rows, jnp.int32), settings,
+      limits, f32(params), f32(grad), f32(direction), f32(decrement), f32(inverse))
+  return (new_params.astype(params.dtype), new_grad.astype(params.dtype),
+          new_decrement.astype(params.dtype), new_inverse.astype(inverse.dtype), steps)
+
+
 def _user_statistics(model, choice_model, params, data):
   """Per-user sufficient statistics of the current iterate: G_i (U, q) and S_i (U, q, q)."""
   features, utilities = _data_utilities(model, params, data)
@@ -969,8 +1030,13 @@ def carried_quasi_newton(model: ModelClass, choice_model: ChoiceModel, params_in
             pick(trial_inverse, inverse), pick(trial_decrement, decrement), count + 1, improved)
 
   usable = carry.valid & jnp.isfinite(decrement0) & (decrement0 >= 0)
-  params, grad, _, inverse, decrement, chords, _ = jax.lax.while_loop(
-      step_cond, step_body, (params_init, grad0, direction0, inverse, decrement0, 0, usable))
+  if native_gradient and native_steps_apply(model, data.slates.shape[-1]):
+    params, grad, decrement, inverse, chords = native_carried_steps(
+        model, data, n_rows, params_init, grad0, direction0, decrement0, inverse, usable, ridge,
+        threshold, 100.0 * threshold, max_chord_steps)
+  else:
+    params, grad, _, inverse, decrement, chords, _ = jax.lax.while_loop(
+        step_cond, step_body, (params_init, grad0, direction0, inverse, decrement0, 0, usable))
   solved = usable & (decrement <= threshold)
   return CarriedFit(params, grad, decrement, inverse, jnp.asarray(chords, jnp.int32), ~solved,
                     threshold)

@@ -1,6 +1,6 @@
 """The package's native CPU kernels, built on first use.
 
-Two XLA custom calls (JAX's FFI), compiled into one library:
+Three XLA custom calls (JAX's FFI), compiled into one library:
 
 * ``regret_evaluation='certified'`` re-scores the cells whose certificate has
   lapsed (``csrc/certified_rescan.cc``; see
@@ -9,7 +9,12 @@ Two XLA custom calls (JAX's FFI), compiled into one library:
 * ``erm_gradient='native'`` sums the exact ERM's per-user gradient statistics
   over the data rows (``csrc/user_gradient.cc``; see
   :func:`jaxbandit.learners.native_user_gradient`) with no pass over every
-  cell, which XLA's gathers and scatters make costly.
+  cell, which XLA's gathers and scatters make costly. For classes with
+  shared parameters (``known_heads``, ``pooled``) the carried refit's whole
+  quasi-Newton loop is one call too (same source; see
+  :func:`jaxbandit.learners.native_carried_steps`): each step's gradient from
+  that row pass, the BFGS update of the inverse Hessian and the next
+  direction, without a dozen small XLA operations a step.
 
 The sources ship with the package and are compiled the first time a process
 asks for them, with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``
@@ -46,7 +51,9 @@ GRADIENT_SOURCE = SOURCE.parent / "user_gradient.cc"
 SOURCES = (SOURCE, GRADIENT_SOURCE)
 TARGET = "jaxbandit_certified_rescan"
 GRADIENT_TARGET = "jaxbandit_user_gradient"
-_SYMBOLS = {TARGET: "JaxbanditCertifiedRescan", GRADIENT_TARGET: "JaxbanditUserGradient"}
+STEPS_TARGET = "jaxbandit_carried_steps"
+_SYMBOLS = {TARGET: "JaxbanditCertifiedRescan", GRADIENT_TARGET: "JaxbanditUserGradient",
+            STEPS_TARGET: "JaxbanditCarriedSteps"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared")
 _LOCK = threading.Lock()
 _REGISTERED = {}  # library path -> the loaded library, registered with JAX once
@@ -56,7 +63,8 @@ class Status(NamedTuple):
   """Whether the native kernels are registered with JAX, and if not, why not.
 
   Attributes:
-    available: the custom calls ``TARGET`` and ``GRADIENT_TARGET`` are registered for the CPU.
+    available: the custom calls ``TARGET``, ``GRADIENT_TARGET`` and ``STEPS_TARGET`` are
+      registered for the CPU.
     reason: what failed, or the library's path when available.
   """
 

@@ -671,8 +671,8 @@ def carried_sequence():
   """jit of: fit the first rows cold, then add rows one at a time with fit_erm_carried."""
   cache = {}
 
-  def get(model_name, choice_name):
-    if (model_name, choice_name) not in cache:
+  def get(model_name, choice_name, native=False):
+    if (model_name, choice_name, native) not in cache:
       top_m, _ = CHOICES[choice_name]
       choice_model = C.get_choice_model(choice_name, top_m)
 
@@ -686,25 +686,28 @@ def carried_sequence():
           new = (data.contexts[n - 1], data.users[n - 1], data.slates[n - 1],
                  data.outcomes[n - 1])
           result, carry = L.fit_erm_carried(model, choice_model, params, carry, rows, new,
-                                            ridge, tol=TIGHT_TOL)
+                                            ridge, tol=TIGHT_TOL, native_gradient=native)
           params = result.params
           results.append(result)
         return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *results), carry
 
-      cache[(model_name, choice_name)] = run
-    return cache[(model_name, choice_name)]
+      cache[(model_name, choice_name, native)] = run
+    return cache[(model_name, choice_name, native)]
 
   return get
 
 
-@pytest.mark.parametrize("model_name,choice_name", CARRIED_PAIRS)
-def test_fit_erm_carried_matches_scipy_after_each_new_row(model_name, choice_name, inst,
+@pytest.mark.parametrize("model_name,choice_name,native", [
+    *(pytest.param(*pair.values, False, id=pair.id, marks=pair.marks) for pair in CARRIED_PAIRS),
+    # The quasi-Newton steps as one native call (erm_gradient='native', shared parameters).
+    pytest.param("known_heads", "bradley_terry", True, id="known_heads-bradley_terry-native")])
+def test_fit_erm_carried_matches_scipy_after_each_new_row(model_name, choice_name, native, inst,
                                                           carried_sequence):
   """Rows arrive one at a time; every refit is SciPy's ERM on the rows so far."""
   model = L.make_model_class(model_name, inst)
   data = cached_data(choice_name)
   first = N_ROWS - 4
-  results, carry = carried_sequence(model_name, choice_name)(model, data, first, 1.0)
+  results, carry = carried_sequence(model_name, choice_name, native)(model, data, first, 1.0)
   design = np_design(model_name, inst, data)
   assert bool(carry.valid)
   # The carry holds the last estimate and NumPy's penalised gradient there
@@ -730,6 +733,60 @@ def test_fit_erm_carried_matches_scipy_after_each_new_row(model_name, choice_nam
   expected = np_block_inverse(model, hess)
   error = np.linalg.norm(np.asarray(carry.inverse) - expected) / np.linalg.norm(expected)
   assert error < 0.2, error
+
+
+@pytest.mark.parametrize("choice_name,max_steps", [
+    ("bradley_terry", 1), ("bradley_terry", 3), ("multinomial_logit", 3)])
+def test_native_carried_steps_match_numpy_quasi_newton(choice_name, max_steps, inst, rng):
+  """The native quasi-Newton loop (erm_gradient='native', shared parameters) against the
+  same loop written in NumPy (float64): trial = theta + direction, its gradient from
+  the rows, the BFGS update of the inverse where the secant pair carries curvature,
+  direction = -P grad, the decrement grad^T P grad / 2; a step is kept only if the
+  decrement fell. Bradley-Terry rows take the kernel's float32 vector path, logit
+  choices among 3 its float64 row loop."""
+  model = L.make_model_class("known_heads", inst)
+  data = cached_data(choice_name)
+  design = np_design("known_heads", inst, data)
+  parts = np_objective(design, data.outcomes, np.ones(N_ROWS), 1.0)
+  theta = 0.3 * rng.standard_normal(design.shape[-1])
+  # A preconditioner 10% off the inverse Hessian, so that the steps are real and each
+  # BFGS update moves it.
+  hess = parts(theta)[2]
+  inverse = np.linalg.inv(hess @ (np.eye(theta.size) + 0.1 * np.diag(rng.random(theta.size))))
+  inverse = (0.5 * (inverse + inverse.T)).astype(np.float32).astype(np.float64)
+  grad = parts(theta)[1]
+  direction = -inverse @ grad
+  decrement = -0.5 * grad @ direction
+  threshold = 1e-12 * N_ROWS
+  as32 = lambda v: jnp.asarray(np.reshape(v, model.param_shape), jnp.float32)
+  got = jax.jit(lambda *args: L.native_carried_steps(model, *args, max_steps))(
+      data, None, as32(theta), as32(grad), as32(direction), jnp.float32(decrement),
+      jnp.asarray(inverse, jnp.float32), True, 1.0, threshold, 100 * threshold)
+  params, grad_out, decrement_out, inverse_out, steps = (np.asarray(x, np.float64) for x in got)
+
+  p = inverse
+  for _ in range(max_steps):
+    trial = theta + direction
+    trial_grad = parts(trial)[1]
+    s, y = direction, trial_grad - grad
+    sy, py = s @ y, p @ y
+    ypy = y @ py
+    if -0.5 * s @ grad > 100 * threshold and sy > 0 and ypy < 4 * sy and 4 * ypy > sy:
+      r = 1 / sy
+      p = p - r * (np.outer(s, py) + np.outer(py, s)) + (r * r * ypy + r) * np.outer(s, s)
+    new_direction = -p @ trial_grad
+    new_decrement = -0.5 * trial_grad @ new_direction
+    assert 0 <= new_decrement < decrement  # every step here is kept
+    theta, grad, direction, decrement = trial, trial_grad, new_direction, new_decrement
+  assert int(steps) == max_steps
+  assert_params_close(params.reshape(model.param_shape), theta.reshape(model.param_shape),
+                      rtol=1e-5)
+  np.testing.assert_allclose(grad_out.ravel(), grad, rtol=1e-3, atol=1e-4 * np.abs(grad).max())
+  np.testing.assert_allclose(inverse_out, p, rtol=1e-4, atol=1e-5 * np.abs(p).max())
+  np.testing.assert_array_equal(inverse_out, inverse_out.T)  # symmetric bit for bit
+  assert float(decrement_out) == pytest.approx(decrement, rel=1e-2, abs=1e-3 * threshold)
+  # The updates moved the inverse (a loop that skipped them would fail above).
+  assert np.abs(p - inverse).max() > 1e-3 * np.abs(p).max()
 
 
 @pytest.mark.parametrize("name", ["known_heads", "per_user_bilinear", "known_directions"])

@@ -15,11 +15,17 @@
 // a float32 vector path (AccumulatePairs); anything else a float64 row loop
 // (Accumulate). jaxbandit/learners.py (native_user_gradient) calls it; built
 // on first use by jaxbandit/native.py with the certified regret pass.
+//
+// A second handler, CarriedSteps, runs the carried refit's whole quasi-Newton
+// loop for classes with shared parameters (learners.native_carried_steps):
+// the same row pass for each step's gradient, with the embedding's products,
+// the BFGS update of the inverse Hessian and the next direction around it.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -223,6 +229,181 @@ void AccumulatePairs(const float* user_vectors, const float* contexts, const flo
       for (int l = 0; l < D; ++l) stats_out[(i * D + j) * D + l] = g_sum[i * D + j][l];
 }
 
+// sum_k a_k b_k in kLanes partial sums (n of any length).
+inline float Dot(const float* a, const float* b, int64_t n) {
+  Lanes total = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    Lanes x, y;
+    std::memcpy(&x, a + k, sizeof(x));
+    std::memcpy(&y, b + k, sizeof(y));
+    total += x * y;
+  }
+  float rest = 0.0f;
+  for (; k < n; ++k) rest += a[k] * b[k];
+  return Sum(total) + rest;
+}
+
+// sum_k row_k a_k and sum_k row_k b_k in one pass over row (n of any length).
+inline void Dot2(const float* row, const float* a, const float* b, int64_t n, float* out_a,
+                 float* out_b) {
+  Lanes ta = {}, tb = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    Lanes r, x, y;
+    std::memcpy(&r, row + k, sizeof(r));
+    std::memcpy(&x, a + k, sizeof(x));
+    std::memcpy(&y, b + k, sizeof(y));
+    ta += r * x;
+    tb += r * y;
+  }
+  float ra = 0.0f, rb = 0.0f;
+  for (; k < n; ++k) {
+    ra += row[k] * a[k];
+    rb += row[k] * b[k];
+  }
+  *out_a = Sum(ta) + ra;
+  *out_b = Sum(tb) + rb;
+}
+
+// The first n floats of a row into a vector, the rest zero (n <= kLanes).
+inline Lanes LoadFirst(const float* row, int64_t n) {
+  Lanes out = {};
+  for (int64_t l = 0; l < n; ++l) out[l] = row[l];
+  return out;
+}
+
+// Row i of out (U, q) = sum_j e_ij theta_j (E (U, m), theta (m, q)), QB vectors
+// of q kept in registers per user.
+template <int QB>
+void EmbedRowsFixed(const float* emb, const float* theta, int64_t U, int64_t m, int64_t q,
+                    float* out) {
+  std::vector<Lanes> padded(m * QB);
+  for (int64_t j = 0; j < m; ++j)
+    for (int b = 0; b < QB; ++b)
+      padded[j * QB + b] = LoadFirst(theta + j * q + b * kLanes, std::min<int64_t>(kLanes, q - b * kLanes));
+  alignas(32) float row[QB * kLanes];
+  for (int64_t i = 0; i < U; ++i) {
+    Lanes acc[QB] = {};
+    for (int64_t j = 0; j < m; ++j) {
+      const float e = emb[i * m + j];
+      for (int b = 0; b < QB; ++b) acc[b] += e * padded[j * QB + b];
+    }
+    std::memcpy(row, acc, sizeof(acc));
+    std::memcpy(out + i * q, row, q * sizeof(float));
+  }
+}
+
+// Row j of out (m, q) = ridge theta_j + sum_i e_ij G_i (E (U, m), G (U, q)).
+template <int QB>
+void GatherRowsFixed(const float* emb, const float* stats, const float* theta, float ridge,
+                     int64_t U, int64_t m, int64_t q, float* out) {
+  std::vector<Lanes> padded(U * QB);
+  for (int64_t i = 0; i < U; ++i)
+    for (int b = 0; b < QB; ++b)
+      padded[i * QB + b] = LoadFirst(stats + i * q + b * kLanes, std::min<int64_t>(kLanes, q - b * kLanes));
+  alignas(32) float row[QB * kLanes];
+  for (int64_t j = 0; j < m; ++j) {
+    Lanes acc[QB];
+    for (int b = 0; b < QB; ++b)
+      acc[b] = ridge * LoadFirst(theta + j * q + b * kLanes, std::min<int64_t>(kLanes, q - b * kLanes));
+    for (int64_t i = 0; i < U; ++i) {
+      const float e = emb[i * m + j];
+      for (int b = 0; b < QB; ++b) acc[b] += e * padded[i * QB + b];
+    }
+    std::memcpy(row, acc, sizeof(acc));
+    std::memcpy(out + j * q, row, q * sizeof(float));
+  }
+}
+
+// The same two products for any q, a float at a time.
+void EmbedRows(const float* emb, const float* theta, int64_t U, int64_t m, int64_t q, float* out) {
+  switch ((q + kLanes - 1) / kLanes) {
+    case 1: return EmbedRowsFixed<1>(emb, theta, U, m, q, out);
+    case 2: return EmbedRowsFixed<2>(emb, theta, U, m, q, out);
+    case 3: return EmbedRowsFixed<3>(emb, theta, U, m, q, out);
+    case 4: return EmbedRowsFixed<4>(emb, theta, U, m, q, out);
+    case 8: return EmbedRowsFixed<8>(emb, theta, U, m, q, out);
+  }
+  for (int64_t i = 0; i < U; ++i) {
+    float* w = out + i * q;
+    for (int64_t l = 0; l < q; ++l) w[l] = 0.0f;
+    for (int64_t j = 0; j < m; ++j) {
+      const float e = emb[i * m + j];
+      for (int64_t l = 0; l < q; ++l) w[l] += e * theta[j * q + l];
+    }
+  }
+}
+
+void GatherRows(const float* emb, const float* stats, const float* theta, float ridge, int64_t U,
+                int64_t m, int64_t q, float* out) {
+  switch ((q + kLanes - 1) / kLanes) {
+    case 1: return GatherRowsFixed<1>(emb, stats, theta, ridge, U, m, q, out);
+    case 2: return GatherRowsFixed<2>(emb, stats, theta, ridge, U, m, q, out);
+    case 3: return GatherRowsFixed<3>(emb, stats, theta, ridge, U, m, q, out);
+    case 4: return GatherRowsFixed<4>(emb, stats, theta, ridge, U, m, q, out);
+    case 8: return GatherRowsFixed<8>(emb, stats, theta, ridge, U, m, q, out);
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    float* g = out + j * q;
+    for (int64_t l = 0; l < q; ++l) g[l] = ridge * theta[j * q + l];
+    for (int64_t i = 0; i < U; ++i) {
+      const float e = emb[i * m + j];
+      for (int64_t l = 0; l < q; ++l) g[l] += e * stats[i * q + l];
+    }
+  }
+}
+
+// The statistics G (U, d * d) of user vectors `uv` over the first `rows` rows, in
+// float32: the Bradley-Terry fast path where it applies, the float64 row loop otherwise.
+void UserStatistics(const float* uv, const float* cx, const float* ac, const int32_t* rc,
+                    const int32_t* ru, const int32_t* sl, const int32_t* oc, const float* wt,
+                    int64_t rows, int64_t n_actions, int64_t U, int K, int m, int d,
+                    float* out) {
+  if (K == 2 && m == 1 && d <= kLanes) {
+    switch (d) {
+#define JAXBANDIT_PAIRS(D) \
+  case D:                  \
+    AccumulatePairs<D>(uv, cx, ac, rc, ru, sl, oc, wt, rows, n_actions, U, out); \
+    return;
+      JAXBANDIT_PAIRS(1) JAXBANDIT_PAIRS(2) JAXBANDIT_PAIRS(3) JAXBANDIT_PAIRS(4)
+      JAXBANDIT_PAIRS(5) JAXBANDIT_PAIRS(6) JAXBANDIT_PAIRS(7) JAXBANDIT_PAIRS(8)
+#undef JAXBANDIT_PAIRS
+    }
+  }
+  std::vector<double> stats(static_cast<size_t>(U) * d * d, 0.0);
+  Accumulate(uv, cx, ac, rc, ru, sl, oc, wt, rows, n_actions, K, m, d, stats.data());
+  for (size_t k = 0; k < stats.size(); ++k) out[k] = static_cast<float>(stats[k]);
+}
+
+// The data's shapes, checked once for both handlers.
+struct RowData {
+  int d, K, m;
+  int64_t n_actions, capacity;
+};
+
+ffi::Error CheckRows(const ffi::Buffer<ffi::F32>& actions, const ffi::Buffer<ffi::S32>& slates,
+                     const ffi::Buffer<ffi::S32>& outcomes, int64_t vector_size, const char* name,
+                     RowData* out) {
+  const auto ad = actions.dimensions();
+  const auto sd = slates.dimensions();
+  const auto od = outcomes.dimensions();
+  if (ad.size() != 3 || sd.size() != 2 || od.size() != 2) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": unexpected ranks");
+  }
+  out->d = static_cast<int>(ad[2]);
+  out->n_actions = ad[1];
+  out->K = static_cast<int>(sd[1]);
+  out->m = static_cast<int>(od[1]);
+  out->capacity = sd[0];
+  if (vector_size != static_cast<int64_t>(out->d) * out->d || out->K > kMaxSlate || out->K < 1 ||
+      out->m > out->K || out->m < 1) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": needs user vectors of d * d, 1 <= ranked <= slate size <= 16");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error UserGradientImpl(ffi::Buffer<ffi::F32> user_vectors,  // (U, d * d)
                             ffi::Buffer<ffi::F32> contexts,      // (C, d)
                             ffi::Buffer<ffi::F32> actions,       // (C, A, d)
@@ -233,47 +414,157 @@ ffi::Error UserGradientImpl(ffi::Buffer<ffi::F32> user_vectors,  // (U, d * d)
                             ffi::Buffer<ffi::F32> weights,       // (n,) 0 for unused rows
                             ffi::Buffer<ffi::S32> n_rows,        // () rows to visit
                             ffi::ResultBuffer<ffi::F32> stats_out) {  // (U, d * d)
-  const auto ad = actions.dimensions();
-  const auto sd = slates.dimensions();
-  const auto od = outcomes.dimensions();
   const auto ud = user_vectors.dimensions();
-  if (ad.size() != 3 || sd.size() != 2 || od.size() != 2 || ud.size() != 2) {
-    return ffi::Error::InvalidArgument("user_gradient: unexpected ranks");
+  if (ud.size() != 2) return ffi::Error::InvalidArgument("user_gradient: unexpected ranks");
+  RowData shape;
+  ffi::Error error = CheckRows(actions, slates, outcomes, ud[1], "user_gradient", &shape);
+  if (error.failure()) return error;
+  const int64_t rows = std::clamp<int64_t>(n_rows.typed_data()[0], 0, shape.capacity);
+  UserStatistics(user_vectors.typed_data(), contexts.typed_data(), actions.typed_data(),
+                 row_contexts.typed_data(), row_users.typed_data(), slates.typed_data(),
+                 outcomes.typed_data(), weights.typed_data(), rows, shape.n_actions, ud[0],
+                 shape.K, shape.m, shape.d, stats_out->typed_data());
+  return ffi::Error::Success();
+}
+
+// The carried refit's quasi-Newton steps (learners.carried_quasi_newton) for a
+// class with shared parameters Theta (m, q), q = d * d, and outer-product
+// features: the loop that XLA would run as a dozen small operations a step,
+// here as one call. From the iterate, its penalised gradient, its direction
+// -P grad and decrement grad^T P grad / 2, while the iterate is usable, the
+// decrement above the threshold and fewer than max_steps steps were taken:
+//
+//   trial = theta + direction;  W_i = e_i^T trial;  G = UserStatistics(W)
+//   g' = E^T G + ridge trial;   s = direction, y = g' - grad
+//   P' = P - r (s (Py)^T + (Py) s^T) + (r^2 y^T P y + r) s s^T     (BFGS)
+//   with r = 1 / s^T y where the pair carries curvature (as _secant_update
+//   decides: -s^T grad / 2 > floor, s^T y > 0, y^T P y within 4x of s^T y), else 0;
+//   direction' = -P' g' (from P g' and P y, before P is touched);
+//   decrement' = g'^T P' g' / 2;
+//
+// and the step is kept (P updated in place) only if decrement' is finite,
+// >= 0 and below the decrement; otherwise the loop stops where it was. P is
+// symmetric: its products read columns as rows, and the update's two outer
+// products are summed before scaling (no contraction: -ffp-contract=off), so
+// P' stays symmetric bit for bit.
+ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
+                            ffi::Buffer<ffi::F32> contexts,       // (C, d)
+                            ffi::Buffer<ffi::F32> actions,        // (C, A, d)
+                            ffi::Buffer<ffi::S32> row_contexts,   // (n,)
+                            ffi::Buffer<ffi::S32> row_users,      // (n,)
+                            ffi::Buffer<ffi::S32> slates,         // (n, K)
+                            ffi::Buffer<ffi::S32> outcomes,       // (n, m)
+                            ffi::Buffer<ffi::F32> weights,        // (n,)
+                            ffi::Buffer<ffi::S32> n_rows,         // ()
+                            ffi::Buffer<ffi::F32> settings,       // (3,) ridge, threshold, floor
+                            ffi::Buffer<ffi::S32> limits,         // (2,) usable (0/1), max_steps
+                            ffi::Buffer<ffi::F32> params_in,      // (m, q)
+                            ffi::Buffer<ffi::F32> grad_in,        // (m, q)
+                            ffi::Buffer<ffi::F32> direction_in,   // (m, q)
+                            ffi::Buffer<ffi::F32> decrement_in,   // ()
+                            ffi::Buffer<ffi::F32> inverse_in,     // (m q, m q)
+                            ffi::ResultBuffer<ffi::F32> params_out,
+                            ffi::ResultBuffer<ffi::F32> grad_out,
+                            ffi::ResultBuffer<ffi::F32> decrement_out,
+                            ffi::ResultBuffer<ffi::F32> inverse_out,
+                            ffi::ResultBuffer<ffi::S32> steps_out) {
+  const auto ed = embedding.dimensions();
+  const auto pd = params_in.dimensions();
+  if (ed.size() != 2 || pd.size() != 2 || pd[0] != ed[1]) {
+    return ffi::Error::InvalidArgument("carried_steps: embedding (U, m) and params (m, q) disagree");
   }
-  const int d = static_cast<int>(ad[2]);
-  const int64_t n_actions = ad[1];
-  const int K = static_cast<int>(sd[1]);
-  const int m = static_cast<int>(od[1]);
-  const int64_t capacity = sd[0];
-  const int64_t U = ud[0];
-  if (ud[1] != static_cast<int64_t>(d) * d || K > kMaxSlate || K < 1 || m > K || m < 1) {
-    return ffi::Error::InvalidArgument(
-        "user_gradient: needs user vectors of d * d, 1 <= ranked <= slate size <= 16");
+  RowData shape;
+  ffi::Error error = CheckRows(actions, slates, outcomes, pd[1], "carried_steps", &shape);
+  if (error.failure()) return error;
+  const int64_t U = ed[0], m = ed[1], q = pd[1], p = m * q;
+  const auto id = inverse_in.dimensions();
+  if (id.size() != 2 || id[0] != p || id[1] != p) {
+    return ffi::Error::InvalidArgument("carried_steps: the inverse must be (m q, m q)");
   }
-  const int64_t rows = std::clamp<int64_t>(n_rows.typed_data()[0], 0, capacity);
-  const float* uv = user_vectors.typed_data();
-  const float* cx = contexts.typed_data();
-  const float* ac = actions.typed_data();
-  const int32_t* rc = row_contexts.typed_data();
-  const int32_t* ru = row_users.typed_data();
-  const int32_t* sl = slates.typed_data();
-  const int32_t* oc = outcomes.typed_data();
-  const float* wt = weights.typed_data();
-  float* out = stats_out->typed_data();
-  if (K == 2 && m == 1 && d <= kLanes) {
-    switch (d) {
-#define JAXBANDIT_PAIRS(D) \
-  case D:                  \
-    AccumulatePairs<D>(uv, cx, ac, rc, ru, sl, oc, wt, rows, n_actions, U, out); \
-    return ffi::Error::Success();
-      JAXBANDIT_PAIRS(1) JAXBANDIT_PAIRS(2) JAXBANDIT_PAIRS(3) JAXBANDIT_PAIRS(4)
-      JAXBANDIT_PAIRS(5) JAXBANDIT_PAIRS(6) JAXBANDIT_PAIRS(7) JAXBANDIT_PAIRS(8)
-#undef JAXBANDIT_PAIRS
+  const int64_t rows = std::clamp<int64_t>(n_rows.typed_data()[0], 0, shape.capacity);
+  const float ridge = settings.typed_data()[0];
+  const float threshold = settings.typed_data()[1];
+  const float floor = settings.typed_data()[2];
+  const bool usable = limits.typed_data()[0] != 0;
+  const int max_steps = limits.typed_data()[1];
+  const float* emb = embedding.typed_data();
+  float* inverse = inverse_out->typed_data();
+  if (inverse != inverse_in.typed_data()) std::memcpy(inverse, inverse_in.typed_data(), p * p * sizeof(float));
+
+  std::vector<float> theta(params_in.typed_data(), params_in.typed_data() + p);
+  std::vector<float> grad(grad_in.typed_data(), grad_in.typed_data() + p);
+  std::vector<float> direction(direction_in.typed_data(), direction_in.typed_data() + p);
+  float decrement = decrement_in.typed_data()[0];
+  std::vector<float> trial(p), trial_grad(p), y(p), py(p), pg(p), vectors(U * q), stats(U * q);
+  // The last kept step's BFGS update, applied to each row of P as the next
+  // step's pass reads it (or by a last pass at the end).
+  bool pending = false;
+  float pending_r = 0.0f, pending_c = 0.0f;
+  std::vector<float> pending_s(p), pending_py(p);
+  auto apply_pending = [&](float* row, int64_t j) {
+    const float sj = pending_s[j], pyj = pending_py[j];
+    const float* ps = pending_s.data();
+    const float* ppy = pending_py.data();
+    for (int64_t k = 0; k < p; ++k)
+      row[k] = (row[k] - pending_r * (ps[k] * pyj + ppy[k] * sj)) + pending_c * (ps[k] * sj);
+  };
+  auto dot = [p](const float* a, const float* b) { return Dot(a, b, p); };
+  int32_t steps = 0;
+  bool going = usable;
+  while (going && decrement > threshold && steps < max_steps) {
+    for (int64_t k = 0; k < p; ++k) trial[k] = theta[k] + direction[k];
+    // W = E trial, then the statistics, then g' = E^T G + ridge trial.
+    EmbedRows(emb, trial.data(), U, m, q, vectors.data());
+    UserStatistics(vectors.data(), contexts.typed_data(), actions.typed_data(),
+                   row_contexts.typed_data(), row_users.typed_data(), slates.typed_data(),
+                   outcomes.typed_data(), weights.typed_data(), rows, shape.n_actions, U,
+                   shape.K, shape.m, shape.d, stats.data());
+    GatherRows(emb, stats.data(), trial.data(), ridge, U, m, q, trial_grad.data());
+    for (int64_t k = 0; k < p; ++k) y[k] = trial_grad[k] - grad[k];
+    // P y and P g' in one pass over P's rows, each row first brought up to
+    // date with the previous step's update.
+    for (int64_t j = 0; j < p; ++j) {
+      float* row = inverse + j * p;
+      if (pending) apply_pending(row, j);
+      Dot2(row, y.data(), trial_grad.data(), p, &py[j], &pg[j]);
     }
+    pending = false;
+    const float* s = direction.data();
+    const float sy = dot(s, y.data());
+    const float ypy = dot(y.data(), py.data());
+    const bool ok = (-0.5f * dot(s, grad.data()) > floor) && (sy > 0.0f) && (ypy < 4.0f * sy) &&
+                    (4.0f * ypy > sy);
+    const float r = ok ? 1.0f / sy : 0.0f;
+    const float c = r * r * ypy + r;
+    const float pyg = dot(py.data(), trial_grad.data());
+    const float sg = dot(s, trial_grad.data());
+    for (int64_t k = 0; k < p; ++k) {
+      // -P' g' = -(P g' - r (s (Py . g') + Py (s . g')) + c s (s . g'))
+      pg[k] = -((pg[k] - r * (s[k] * pyg + py[k] * sg)) + c * (s[k] * sg));
+    }
+    const float trial_decrement = -0.5f * dot(trial_grad.data(), pg.data());
+    ++steps;
+    going = std::isfinite(trial_decrement) && trial_decrement >= 0.0f && trial_decrement < decrement;
+    if (!going) break;
+    if (ok) {
+      pending = true;
+      pending_r = r;
+      pending_c = c;
+      pending_s.swap(direction);
+      pending_py.swap(py);
+    }
+    theta.swap(trial);
+    grad.swap(trial_grad);
+    direction.swap(pg);
+    decrement = trial_decrement;
   }
-  std::vector<double> stats(static_cast<size_t>(U) * d * d, 0.0);
-  Accumulate(uv, cx, ac, rc, ru, sl, oc, wt, rows, n_actions, K, m, d, stats.data());
-  for (size_t k = 0; k < stats.size(); ++k) out[k] = static_cast<float>(stats[k]);
+  if (pending) {
+    for (int64_t j = 0; j < p; ++j) apply_pending(inverse + j * p, j);
+  }
+  std::memcpy(params_out->typed_data(), theta.data(), p * sizeof(float));
+  std::memcpy(grad_out->typed_data(), grad.data(), p * sizeof(float));
+  decrement_out->typed_data()[0] = decrement;
+  steps_out->typed_data()[0] = steps;
   return ffi::Error::Success();
 }
 
@@ -291,3 +582,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditUserGradient, UserGradientImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weights
                                   .Arg<ffi::Buffer<ffi::S32>>()  // n_rows
                                   .Ret<ffi::Buffer<ffi::F32>>());  // statistics
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditCarriedSteps, CarriedStepsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // embedding
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // contexts
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // actions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row contexts
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row users
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slates
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // outcomes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_rows
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ridge, threshold, floor
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // usable, max_steps
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // params
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // direction
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // decrement
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // inverse
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // params
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // decrement
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // inverse
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // steps
