@@ -438,7 +438,7 @@ ffi::Error UserGradientImpl(ffi::Buffer<ffi::F32> user_vectors,  // (U, d * d)
 //   g' = E^T G + ridge trial;   s = direction, y = g' - grad
 //   P' = P - r (s (Py)^T + (Py) s^T) + (r^2 y^T P y + r) s s^T     (BFGS)
 //   with r = 1 / s^T y where the pair carries curvature (as _secant_update
-//   decides: -s^T grad / 2 > floor, s^T y > 0, y^T P y within 4x of s^T y), else 0;
+//   decides: -s^T grad / 2 = the decrement > floor, s^T y > 0, y^T P y within 4x of s^T y), else 0;
 //   direction' = -P' g' (from P g' and P y, before P is touched);
 //   decrement' = g'^T P' g' / 2;
 //
@@ -532,8 +532,8 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
     const float* s = direction.data();
     const float sy = dot(s, y.data());
     const float ypy = dot(y.data(), py.data());
-    const bool ok = (-0.5f * dot(s, grad.data()) > floor) && (sy > 0.0f) && (ypy < 4.0f * sy) &&
-                    (4.0f * ypy > sy);
+    // The step's share of the decrement, -s^T grad / 2, is the decrement itself (s = -P grad).
+    const bool ok = (decrement > floor) && (sy > 0.0f) && (ypy < 4.0f * sy) && (4.0f * ypy > sy);
     const float r = ok ? 1.0f / sy : 0.0f;
     const float c = r * r * ypy + r;
     const float pyg = dot(py.data(), trial_grad.data());
