@@ -273,15 +273,15 @@ inline Lanes LoadFirst(const float* row, int64_t n) {
   return out;
 }
 
-// Row i of out (U, q) = sum_j e_ij theta_j (E (U, m), theta (m, q)), QB vectors
-// of q kept in registers per user.
-template <int QB>
-void EmbedRowsFixed(const float* emb, const float* theta, int64_t U, int64_t m, int64_t q,
-                    float* out) {
+// Row i of out (U, q) = sum_j e_ij theta_j (E (U, m), theta (m, q = D * D)),
+// the QB vectors of a row kept in registers per user.
+template <int D>
+void EmbedRowsFixed(const float* emb, const float* theta, int64_t U, int64_t m, float* out) {
+  constexpr int q = D * D, QB = (q + kLanes - 1) / kLanes;
   std::vector<Lanes> padded(m * QB);
   for (int64_t j = 0; j < m; ++j)
     for (int b = 0; b < QB; ++b)
-      padded[j * QB + b] = LoadFirst(theta + j * q + b * kLanes, std::min<int64_t>(kLanes, q - b * kLanes));
+      padded[j * QB + b] = LoadFirst(theta + j * q + b * kLanes, std::min(kLanes, q - b * kLanes));
   alignas(32) float row[QB * kLanes];
   for (int64_t i = 0; i < U; ++i) {
     Lanes acc[QB] = {};
@@ -294,19 +294,20 @@ void EmbedRowsFixed(const float* emb, const float* theta, int64_t U, int64_t m, 
   }
 }
 
-// Row j of out (m, q) = ridge theta_j + sum_i e_ij G_i (E (U, m), G (U, q)).
-template <int QB>
+// Row j of out (m, q) = ridge theta_j + sum_i e_ij G_i (E (U, m), G (U, q = D * D)).
+template <int D>
 void GatherRowsFixed(const float* emb, const float* stats, const float* theta, float ridge,
-                     int64_t U, int64_t m, int64_t q, float* out) {
+                     int64_t U, int64_t m, float* out) {
+  constexpr int q = D * D, QB = (q + kLanes - 1) / kLanes;
   std::vector<Lanes> padded(U * QB);
   for (int64_t i = 0; i < U; ++i)
     for (int b = 0; b < QB; ++b)
-      padded[i * QB + b] = LoadFirst(stats + i * q + b * kLanes, std::min<int64_t>(kLanes, q - b * kLanes));
+      padded[i * QB + b] = LoadFirst(stats + i * q + b * kLanes, std::min(kLanes, q - b * kLanes));
   alignas(32) float row[QB * kLanes];
   for (int64_t j = 0; j < m; ++j) {
     Lanes acc[QB];
     for (int b = 0; b < QB; ++b)
-      acc[b] = ridge * LoadFirst(theta + j * q + b * kLanes, std::min<int64_t>(kLanes, q - b * kLanes));
+      acc[b] = ridge * LoadFirst(theta + j * q + b * kLanes, std::min(kLanes, q - b * kLanes));
     for (int64_t i = 0; i < U; ++i) {
       const float e = emb[i * m + j];
       for (int b = 0; b < QB; ++b) acc[b] += e * padded[i * QB + b];
@@ -316,15 +317,19 @@ void GatherRowsFixed(const float* emb, const float* stats, const float* theta, f
   }
 }
 
-// The same two products for any q, a float at a time.
-void EmbedRows(const float* emb, const float* theta, int64_t U, int64_t m, int64_t q, float* out) {
-  switch ((q + kLanes - 1) / kLanes) {
-    case 1: return EmbedRowsFixed<1>(emb, theta, U, m, q, out);
-    case 2: return EmbedRowsFixed<2>(emb, theta, U, m, q, out);
-    case 3: return EmbedRowsFixed<3>(emb, theta, U, m, q, out);
-    case 4: return EmbedRowsFixed<4>(emb, theta, U, m, q, out);
-    case 8: return EmbedRowsFixed<8>(emb, theta, U, m, q, out);
+// out (U, q) = E theta and out (m, q) = E^T G + ridge theta for q = d * d: in
+// registers for d <= kLanes (dispatched on d, as UserStatistics is), a float at a
+// time otherwise.
+void EmbedRows(const float* emb, const float* theta, int64_t U, int64_t m, int d, float* out) {
+  switch (d) {
+#define JAXBANDIT_EMBED(D) \
+  case D:                  \
+    return EmbedRowsFixed<D>(emb, theta, U, m, out);
+    JAXBANDIT_EMBED(1) JAXBANDIT_EMBED(2) JAXBANDIT_EMBED(3) JAXBANDIT_EMBED(4)
+    JAXBANDIT_EMBED(5) JAXBANDIT_EMBED(6) JAXBANDIT_EMBED(7) JAXBANDIT_EMBED(8)
+#undef JAXBANDIT_EMBED
   }
+  const int64_t q = static_cast<int64_t>(d) * d;
   for (int64_t i = 0; i < U; ++i) {
     float* w = out + i * q;
     for (int64_t l = 0; l < q; ++l) w[l] = 0.0f;
@@ -336,14 +341,16 @@ void EmbedRows(const float* emb, const float* theta, int64_t U, int64_t m, int64
 }
 
 void GatherRows(const float* emb, const float* stats, const float* theta, float ridge, int64_t U,
-                int64_t m, int64_t q, float* out) {
-  switch ((q + kLanes - 1) / kLanes) {
-    case 1: return GatherRowsFixed<1>(emb, stats, theta, ridge, U, m, q, out);
-    case 2: return GatherRowsFixed<2>(emb, stats, theta, ridge, U, m, q, out);
-    case 3: return GatherRowsFixed<3>(emb, stats, theta, ridge, U, m, q, out);
-    case 4: return GatherRowsFixed<4>(emb, stats, theta, ridge, U, m, q, out);
-    case 8: return GatherRowsFixed<8>(emb, stats, theta, ridge, U, m, q, out);
+                int64_t m, int d, float* out) {
+  switch (d) {
+#define JAXBANDIT_GATHER(D) \
+  case D:                   \
+    return GatherRowsFixed<D>(emb, stats, theta, ridge, U, m, out);
+    JAXBANDIT_GATHER(1) JAXBANDIT_GATHER(2) JAXBANDIT_GATHER(3) JAXBANDIT_GATHER(4)
+    JAXBANDIT_GATHER(5) JAXBANDIT_GATHER(6) JAXBANDIT_GATHER(7) JAXBANDIT_GATHER(8)
+#undef JAXBANDIT_GATHER
   }
+  const int64_t q = static_cast<int64_t>(d) * d;
   for (int64_t j = 0; j < m; ++j) {
     float* g = out + j * q;
     for (int64_t l = 0; l < q; ++l) g[l] = ridge * theta[j * q + l];
@@ -514,12 +521,12 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
   while (going && decrement > threshold && steps < max_steps) {
     for (int64_t k = 0; k < p; ++k) trial[k] = theta[k] + direction[k];
     // W = E trial, then the statistics, then g' = E^T G + ridge trial.
-    EmbedRows(emb, trial.data(), U, m, q, vectors.data());
+    EmbedRows(emb, trial.data(), U, m, shape.d, vectors.data());
     UserStatistics(vectors.data(), contexts.typed_data(), actions.typed_data(),
                    row_contexts.typed_data(), row_users.typed_data(), slates.typed_data(),
                    outcomes.typed_data(), weights.typed_data(), rows, shape.n_actions, U,
                    shape.K, shape.m, shape.d, stats.data());
-    GatherRows(emb, stats.data(), trial.data(), ridge, U, m, q, trial_grad.data());
+    GatherRows(emb, stats.data(), trial.data(), ridge, U, m, shape.d, trial_grad.data());
     for (int64_t k = 0; k < p; ++k) y[k] = trial_grad[k] - grad[k];
     // P y and P g' in one pass over P's rows, each row first brought up to
     // date with the previous step's update.
