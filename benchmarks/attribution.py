@@ -184,8 +184,8 @@ def variants(evaluation: str = "full"):
       ("Woodbury update twice", learners, "add_observation", twice(3), False),
       ("BFGS updates twice", learners, "_secant_update", twice(2), False),
       ("preconditioning twice", learners, "_precondition", twice(2), False),
-      # With the native steps (the CPU's 'auto' for known_heads) the three rows above
-      # measure only what XLA still runs: the cold gradient, the first direction.
+      # With the native steps (the CPU's 'auto' for known_heads) XLA no longer runs the
+      # BFGS updates, and preconditions only the first direction: the loop is this row.
       ("native quasi-Newton steps twice", learners, "native_carried_steps", twice(3), False),
   ]
 

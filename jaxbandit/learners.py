@@ -392,23 +392,32 @@ def native_user_gradient(model, params, data: ChoiceData, n_rows=None):
   """
   from jaxbandit import native
 
-  status = native.status()
-  if not status.available:
-    raise ValueError(f"the native gradient needs the native CPU kernels, which are not "
-                     f"available: {status.reason}")
-
-  contexts, actions = model.outer_factors
   n_users = model.embedding.shape[0]
-  d = actions.shape[-1]
-  capacity = data.contexts.shape[0]
-  rows = capacity if n_rows is None else n_rows
+  d = model.outer_factors[1].shape[-1]
   gradient = jax.ffi.ffi_call(native.GRADIENT_TARGET,
                               jax.ShapeDtypeStruct((n_users, d * d), jnp.float32),
                               vmap_method="sequential")
-  return gradient(user_vectors(model, params).astype(jnp.float32), contexts.astype(jnp.float32),
-                  actions.astype(jnp.float32), data.contexts, data.users, data.slates,
-                  data.outcomes, data.mask.astype(jnp.float32),
-                  jnp.asarray(rows, jnp.int32)).astype(params.dtype)
+  return gradient(user_vectors(model, params).astype(jnp.float32),
+                  *_native_row_inputs(model, data, n_rows, "the native gradient")
+                  ).astype(params.dtype)
+
+
+def _native_row_inputs(model, data: ChoiceData, n_rows, what: str):
+  """The inputs the native row pass reads, in its kernels' order: contexts (C, d),
+  actions (C, A, d), the rows' contexts, users, slates, outcomes and weights, and
+  the rows to visit (all when ``n_rows`` is None). Tracing it builds and
+  registers the native kernels if needed and raises ValueError, naming ``what``,
+  where they cannot run."""
+  from jaxbandit import native
+
+  status = native.status()
+  if not status.available:
+    raise ValueError(f"{what} needs the native CPU kernels, which are not available: "
+                     f"{status.reason}")
+  contexts, actions = model.outer_factors
+  rows = data.contexts.shape[0] if n_rows is None else n_rows
+  return (contexts.astype(jnp.float32), actions.astype(jnp.float32), data.contexts, data.users,
+          data.slates, data.outcomes, data.mask.astype(jnp.float32), jnp.asarray(rows, jnp.int32))
 
 
 def native_steps_apply(model: ModelClass, slate_size: int) -> bool:
@@ -446,13 +455,7 @@ def native_carried_steps(model, data: ChoiceData, n_rows, params, grad, directio
   """
   from jaxbandit import native
 
-  status = native.status()
-  if not status.available:
-    raise ValueError(f"the native quasi-Newton steps need the native CPU kernels, which are "
-                     f"not available: {status.reason}")
-  contexts, actions = model.outer_factors
-  capacity = data.contexts.shape[0]
-  rows = capacity if n_rows is None else n_rows
+  rows = _native_row_inputs(model, data, n_rows, "the native quasi-Newton steps")
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   settings = jnp.stack([f32(ridge), f32(threshold), f32(floor)])
   limits = jnp.stack([jnp.asarray(usable, jnp.int32), jnp.asarray(max_steps, jnp.int32)])
@@ -465,9 +468,8 @@ def native_carried_steps(model, data: ChoiceData, n_rows, params, grad, directio
        jax.ShapeDtypeStruct((), jnp.int32)),
       vmap_method="sequential", input_output_aliases={15: 3})
   new_params, new_grad, new_decrement, new_inverse, steps = call(
-      f32(model.embedding), f32(contexts), f32(actions), data.contexts, data.users,
-      data.slates, data.outcomes, f32(data.mask), jnp.asarray(rows, jnp.int32), settings,
-      limits, f32(params), f32(grad), f32(direction), f32(decrement), f32(inverse))
+      f32(model.embedding), *rows, settings, limits, f32(params), f32(grad), f32(direction),
+      f32(decrement), f32(inverse))
   return (new_params.astype(params.dtype), new_grad.astype(params.dtype),
           new_decrement.astype(params.dtype), new_inverse.astype(inverse.dtype), steps)
 
