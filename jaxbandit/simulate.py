@@ -1103,8 +1103,6 @@ def simulate(instances: Instance, config: SimulationConfig,
   n_actions = instances.actions.shape[-2]
   min_support = int(np.min(np.sum(np.asarray(instances.reference_policy) > 0, axis=-1)))
   config.validate(n_actions, min_support)
-  # An explicit erm_gradient='native' that cannot run fails here.
-  resolve_erm_gradient(config, instances.contexts.shape[-1])
   V.instance_values(instances)
   V.positive_int("n_seeds", n_seeds)
   V.seed("master_seed", master_seed)
@@ -1122,6 +1120,10 @@ def simulate(instances: Instance, config: SimulationConfig,
   n_local = V.int_in_range("n_devices", n_devices, 1, jax.local_device_count(),
                            f"local devices={jax.local_device_count()}") \
       if n_devices is not None else jax.local_device_count()
+  # An explicit erm_gradient='native' that cannot run fails here, after the
+  # arguments' own checks: the first call in a process may build the native
+  # kernels (seconds), and a mistyped argument should not wait for that.
+  resolve_erm_gradient(config, instances.contexts.shape[-1])
   if instances.contexts.ndim == 2:
     instances = jax.tree_util.tree_map(lambda x: x[None], instances)
   if config.data_layout == "table":

@@ -406,6 +406,19 @@ def test_bad_input_raises_before_compiling(call, expected):
   assert elapsed < FAST_SECONDS, f"took {elapsed:.2f}s to reject: {message}"
 
 
+@pytest.mark.parametrize("kwargs", [dict(n_seeds=0), dict(master_seed=-1), dict(chunk_size=0),
+                                    dict(n_devices=0)], ids=lambda k: next(iter(k)))
+def test_argument_errors_do_not_wait_for_the_native_build(monkeypatch, kwargs):
+  """simulate's own arguments are checked before anything asks for the native kernels,
+  whose first use in a process builds them (seconds): the native module is never asked."""
+  from jaxbandit import native
+
+  asked = []
+  monkeypatch.setattr(native, "status", lambda: asked.append(1) or native.Status(False, "x"))
+  with pytest.raises(ValueError, match=next(iter(kwargs))):
+    simulate(**kwargs)()
+  assert not asked
+
 def test_unreachable_min_gap_raises_after_max_tries_quickly():
   started = time.perf_counter()
   with pytest.raises(ValueError) as info:
