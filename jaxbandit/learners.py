@@ -564,6 +564,7 @@ class _SolverState(NamedTuple):
   iteration: jax.Array
   hessians: jax.Array
   stalled: jax.Array
+  factor: jax.Array  # the latest Hessian's Cholesky factor (keep_factor), else a dummy ()
 
 
 def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, dtype,
@@ -629,11 +630,14 @@ def _objective_functions(model, choice_model, data, ridge, block_size, n_rows, d
 
 
 def _newton(model, functions, params_init, grad_init, decrement_init, threshold, damping, *,
-            max_iterations, max_chord_steps, max_backtracks) -> _SolverState:
+            max_iterations, max_chord_steps, max_backtracks,
+            keep_factor=False) -> _SolverState:
   """Damped Newton with chord steps from ``params_init`` until the decrement meets ``threshold``.
 
   ``decrement_init`` is the decrement already known at ``params_init`` (inf
   if unknown): at or below ``threshold`` the loop makes no iteration.
+  ``keep_factor`` (static): the state keeps the last iteration's Cholesky
+  factor (zeros if none ran), for a caller that wants the inverse Hessian.
   """
   objective, gradient, gradient_hessian = functions
 
@@ -684,11 +688,13 @@ def _newton(model, functions, params_init, grad_init, decrement_init, threshold,
     params, grad, _, decrement_new, chords = jax.lax.while_loop(
         chord_cond, chord_body, (params, grad, direction, decrement_new, 0))
     return _SolverState(params, grad, decrement_new, state.iteration + 1 + chords,
-                        state.hessians + 1, ~accepted)
+                        state.hessians + 1, ~accepted, factor if keep_factor else state.factor)
 
+  factor = (jnp.zeros(_hessian_shape(model), params_init.dtype) if keep_factor else
+            jnp.zeros((), params_init.dtype))
   state = _SolverState(params_init, grad_init, jnp.asarray(decrement_init, params_init.dtype),
                        jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                       jnp.zeros((), jnp.bool_))
+                       jnp.zeros((), jnp.bool_), factor)
   return jax.lax.while_loop(outer_cond, outer_body, state)
 
 
@@ -787,9 +793,15 @@ class HessianCarry(NamedTuple):
   grad: jax.Array
 
 
+def _hessian_shape(model: ModelClass):
+  """The Hessian's shape: (U, q, q) per user for per-user classes, (m*q, m*q) otherwise."""
+  rows, q = model.param_shape
+  return (rows, q, q) if model.per_user else (rows * q, rows * q)
+
+
 def empty_hessian_carry(model: ModelClass) -> HessianCarry:
   rows, q = model.param_shape
-  shape = (rows, q, q) if model.per_user else (rows * q, rows * q)
+  shape = _hessian_shape(model)
   zeros = jnp.zeros((rows, q), jnp.float32)
   return HessianCarry(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.bool_), zeros, zeros)
 
@@ -822,8 +834,12 @@ def observation_gradient(model: ModelClass, choice_model: ChoiceModel, params: j
 
 def _inverse(model, hess, damping):
   """Inverse of the damped Hessian via its Cholesky factor (batched per user)."""
-  factor = _factor(model, hess, damping)
-  eye = jnp.eye(hess.shape[-1], dtype=hess.dtype)
+  return _inverse_from_factor(model, _factor(model, hess, damping))
+
+
+def _inverse_from_factor(model, factor):
+  """Inverse of a matrix from its (lower) Cholesky factor, symmetrised (batched per user)."""
+  eye = jnp.eye(factor.shape[-1], dtype=factor.dtype)
   solve = lambda f: jax.scipy.linalg.cho_solve((f, True), eye)
   inverse = jax.vmap(solve)(factor) if model.per_user else solve(factor)
   return 0.5 * (inverse + jnp.swapaxes(inverse, -1, -2))
@@ -952,8 +968,10 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
      keeps falling;
   3. if they stop short of the tolerance, :func:`fit_erm`'s damped Newton
      takes over from there;
-  4. the inverse is refreshed (Hessian at the solution, Cholesky, inverse) only
-     when step 3 ran, which includes the first refit. A refresh costs about
+  4. the inverse is refreshed only when step 3 ran, which includes the first
+     refit: from the Cholesky factor of step 3's last Hessian (a few chord
+     steps at most before the solution), so no Hessian is evaluated for it.
+     A refresh costs about
      as much as 30 gradients at n = 1,000, so a few extra quasi-Newton steps
      are cheaper than refreshing whenever the carried inverse is merely
      approximate (refreshing after more than 4 steps was 1.35-2x slower).
@@ -1052,22 +1070,26 @@ def carried_fallback(model: ModelClass, choice_model: ChoiceModel, fit: CarriedF
                      cell_table_from: Optional[int] = None,
                      native_gradient: bool = False) -> CarriedFit:
   """Steps 3-4 of :func:`fit_erm_carried`: where ``fit.needs_newton``, damped Newton
-  from the quasi-Newton iterate, then a fresh inverse at the solution; elsewhere
-  ``fit`` unchanged (both loops make no trip)."""
+  from the quasi-Newton iterate, then a fresh inverse from the Newton's last
+  Hessian factor; elsewhere ``fit`` unchanged (both loops make no trip)."""
   ridge, damping, _ = _setup(fit.params, data, ridge, 1.0)
   functions = _objective_functions(model, choice_model, data, ridge, block_size, n_rows,
                                    fit.params.dtype, cell_table_from, native_gradient)
-  _, _, gradient_hessian = functions
   state = _newton(model, functions, fit.params, fit.grad,
                   jnp.where(fit.needs_newton, jnp.inf, fit.decrement), fit.threshold, damping,
                   max_iterations=max(max_iterations - max_chord_steps, 1),
-                  max_chord_steps=max_chord_steps, max_backtracks=max_backtracks)
+                  max_chord_steps=max_chord_steps, max_backtracks=max_backtracks,
+                  keep_factor=True)
 
-  # Refresh the inverse at the solution when the carried one failed; a while
-  # loop of 0 or 1 trips, so under vmap it runs only if a lane needs it.
+  # Refresh the inverse when the carried one failed, from the factor of the
+  # Newton's last Hessian (at its last Newton iterate; only chord steps, inside
+  # the quadratic region, follow it). A Hessian at the solution itself cost a
+  # pass of Hessian statistics, their assembly and a Cholesky more per
+  # fallback; the inverse only preconditions the next refits, which meet the
+  # same tolerance. A while loop of 0 or 1 trips, so under vmap it runs only
+  # if a lane needs it.
   def refresh(c):
-    _, hess = gradient_hessian(state.params)
-    return _inverse(model, hess, damping), jnp.zeros((), jnp.bool_)
+    return _inverse_from_factor(model, state.factor), jnp.zeros((), jnp.bool_)
 
   inverse, _ = jax.lax.while_loop(lambda c: c[1], refresh, (fit.inverse, fit.needs_newton))
   return CarriedFit(state.params, state.grad, state.decrement, inverse,
