@@ -9,7 +9,8 @@ fits the seed-mean curve), P(G > 0) and its Clopper-Pearson interval against
 scipy's exact binomial interval. Tolerances: 1e-7 relative for values read
 back from 9-significant-digit csv text, 1e-6 for refitted slopes.
 
-Every notebook runs in the default test run (so CI executes them), at tiny size.
+The cheapest notebook runs in the default test run (so CI executes it) and
+every notebook in the slow set, all at tiny size.
 """
 
 from __future__ import annotations
