@@ -971,8 +971,8 @@ def fit_erm_carried(model: ModelClass, choice_model: ChoiceModel, params_init: j
   4. the inverse is refreshed only when step 3 ran, which includes the first
      refit: from the Cholesky factor of step 3's last Hessian (a few chord
      steps at most before the solution), so no Hessian is evaluated for it.
-     A refresh costs about
-     as much as 30 gradients at n = 1,000, so a few extra quasi-Newton steps
+     Refreshing without a fallback (a Hessian, its Cholesky and the inverse)
+     costs about as much as 30 gradients at n = 1,000, so a few extra quasi-Newton steps
      are cheaper than refreshing whenever the carried inverse is merely
      approximate (refreshing after more than 4 steps was 1.35-2x slower).
 
