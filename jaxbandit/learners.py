@@ -562,7 +562,6 @@ class _SolverState(NamedTuple):
   grad: jax.Array
   decrement: jax.Array
   iteration: jax.Array
-  hessians: jax.Array
   stalled: jax.Array
   factor: jax.Array  # the latest Hessian's Cholesky factor (keep_factor), else a dummy ()
 
@@ -687,14 +686,13 @@ def _newton(model, functions, params_init, grad_init, decrement_init, threshold,
 
     params, grad, _, decrement_new, chords = jax.lax.while_loop(
         chord_cond, chord_body, (params, grad, direction, decrement_new, 0))
-    return _SolverState(params, grad, decrement_new, state.iteration + 1 + chords,
-                        state.hessians + 1, ~accepted, factor if keep_factor else state.factor)
+    return _SolverState(params, grad, decrement_new, state.iteration + 1 + chords, ~accepted,
+                        factor if keep_factor else state.factor)
 
   factor = (jnp.zeros(_hessian_shape(model), params_init.dtype) if keep_factor else
             jnp.zeros((), params_init.dtype))
   state = _SolverState(params_init, grad_init, jnp.asarray(decrement_init, params_init.dtype),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                       jnp.zeros((), jnp.bool_), factor)
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_), factor)
   return jax.lax.while_loop(outer_cond, outer_body, state)
 
 
@@ -830,11 +828,6 @@ def observation_gradient(model: ModelClass, choice_model: ChoiceModel, params: j
   if model.per_user:
     return jnp.zeros_like(params).at[user].set(per_datum)
   return model.embedding[user][:, None] * per_datum[None, :]
-
-
-def _inverse(model, hess, damping):
-  """Inverse of the damped Hessian via its Cholesky factor (batched per user)."""
-  return _inverse_from_factor(model, _factor(model, hess, damping))
 
 
 def _inverse_from_factor(model, factor):
