@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -577,30 +578,29 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
 
 }  // namespace
 
+// The row inputs both handlers take after their first argument, in the order
+// CheckRows and UserStatistics read them (learners._native_row_inputs builds them).
+template <typename Binding>
+auto RowArgs(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()   // contexts (C, d)
+      .template Arg<ffi::Buffer<ffi::F32>>()   // actions (C, A, d)
+      .template Arg<ffi::Buffer<ffi::S32>>()   // row contexts (n,)
+      .template Arg<ffi::Buffer<ffi::S32>>()   // row users (n,)
+      .template Arg<ffi::Buffer<ffi::S32>>()   // slates (n, K)
+      .template Arg<ffi::Buffer<ffi::S32>>()   // outcomes (n, m)
+      .template Arg<ffi::Buffer<ffi::F32>>()   // weights (n,)
+      .template Arg<ffi::Buffer<ffi::S32>>();  // n_rows ()
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditUserGradient, UserGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // user_vectors
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // contexts
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // actions
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row contexts
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row users
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slates
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // outcomes
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_rows
+                              RowArgs(ffi::Ffi::Bind()
+                                          .Arg<ffi::Buffer<ffi::F32>>())  // user_vectors
                                   .Ret<ffi::Buffer<ffi::F32>>());  // statistics
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbanditCarriedSteps, CarriedStepsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // embedding
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // contexts
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // actions
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row contexts
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row users
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slates
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // outcomes
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_rows
+                              RowArgs(ffi::Ffi::Bind()
+                                          .Arg<ffi::Buffer<ffi::F32>>())  // embedding
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ridge, threshold, floor
                                   .Arg<ffi::Buffer<ffi::S32>>()  // usable, max_steps
                                   .Arg<ffi::Buffer<ffi::F32>>()  // params
