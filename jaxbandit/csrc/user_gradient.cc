@@ -274,92 +274,66 @@ inline Lanes LoadFirst(const float* row, int64_t n) {
   return out;
 }
 
-// Row i of out (U, q) = sum_j e_ij theta_j (E (U, m), theta (m, q = D * D)),
-// the QB vectors of a row kept in registers per user.
+// Row r of out (n_out, q) = scale base_r + sum_s coef[r * out_stride + s * in_stride] in_s
+// for in (n_in, q), q = D * D (base null: no base term), with the rows of `in`
+// padded to QB vectors once and each output row's QB vectors kept in registers.
+// It is both of the embedding's products: see EmbedRows and GatherRows.
 template <int D>
-void EmbedRowsFixed(const float* emb, const float* theta, int64_t U, int64_t m, float* out) {
+void CombineRowsFixed(const float* coef, int64_t out_stride, int64_t in_stride, const float* in,
+                      int64_t n_in, const float* base, float scale, int64_t n_out, float* out) {
   constexpr int q = D * D, QB = (q + kLanes - 1) / kLanes;
-  std::vector<Lanes> padded(m * QB);
-  for (int64_t j = 0; j < m; ++j)
-    for (int b = 0; b < QB; ++b)
-      padded[j * QB + b] = LoadFirst(theta + j * q + b * kLanes, std::min(kLanes, q - b * kLanes));
+  auto load = [](const float* row, int b) {
+    return LoadFirst(row + b * kLanes, std::min(kLanes, q - b * kLanes));
+  };
+  std::vector<Lanes> padded(n_in * QB);
+  for (int64_t s = 0; s < n_in; ++s)
+    for (int b = 0; b < QB; ++b) padded[s * QB + b] = load(in + s * q, b);
   alignas(32) float row[QB * kLanes];
-  for (int64_t i = 0; i < U; ++i) {
+  for (int64_t r = 0; r < n_out; ++r) {
     Lanes acc[QB] = {};
-    for (int64_t j = 0; j < m; ++j) {
-      const float e = emb[i * m + j];
-      for (int b = 0; b < QB; ++b) acc[b] += e * padded[j * QB + b];
+    if (base != nullptr)
+      for (int b = 0; b < QB; ++b) acc[b] = scale * load(base + r * q, b);
+    for (int64_t s = 0; s < n_in; ++s) {
+      const float e = coef[r * out_stride + s * in_stride];
+      for (int b = 0; b < QB; ++b) acc[b] += e * padded[s * QB + b];
     }
     std::memcpy(row, acc, sizeof(acc));
-    std::memcpy(out + i * q, row, q * sizeof(float));
+    std::memcpy(out + r * q, row, q * sizeof(float));
   }
 }
 
-// Row j of out (m, q) = ridge theta_j + sum_i e_ij G_i (E (U, m), G (U, q = D * D)).
-template <int D>
-void GatherRowsFixed(const float* emb, const float* stats, const float* theta, float ridge,
-                     int64_t U, int64_t m, float* out) {
-  constexpr int q = D * D, QB = (q + kLanes - 1) / kLanes;
-  std::vector<Lanes> padded(U * QB);
-  for (int64_t i = 0; i < U; ++i)
-    for (int b = 0; b < QB; ++b)
-      padded[i * QB + b] = LoadFirst(stats + i * q + b * kLanes, std::min(kLanes, q - b * kLanes));
-  alignas(32) float row[QB * kLanes];
-  for (int64_t j = 0; j < m; ++j) {
-    Lanes acc[QB];
-    for (int b = 0; b < QB; ++b)
-      acc[b] = ridge * LoadFirst(theta + j * q + b * kLanes, std::min(kLanes, q - b * kLanes));
-    for (int64_t i = 0; i < U; ++i) {
-      const float e = emb[i * m + j];
-      for (int b = 0; b < QB; ++b) acc[b] += e * padded[i * QB + b];
-    }
-    std::memcpy(row, acc, sizeof(acc));
-    std::memcpy(out + j * q, row, q * sizeof(float));
-  }
-}
-
-// out (U, q) = E theta and out (m, q) = E^T G + ridge theta for q = d * d: in
-// registers for d <= kLanes (dispatched on d, as UserStatistics is), a float at a
-// time otherwise.
-void EmbedRows(const float* emb, const float* theta, int64_t U, int64_t m, int d, float* out) {
+// CombineRowsFixed for q = d * d: in registers for d <= kLanes (dispatched on d,
+// as UserStatistics is), a float at a time otherwise.
+void CombineRows(const float* coef, int64_t out_stride, int64_t in_stride, const float* in,
+                 int64_t n_in, const float* base, float scale, int64_t n_out, int d, float* out) {
   switch (d) {
-#define JAXBANDIT_EMBED(D) \
-  case D:                  \
-    return EmbedRowsFixed<D>(emb, theta, U, m, out);
-    JAXBANDIT_EMBED(1) JAXBANDIT_EMBED(2) JAXBANDIT_EMBED(3) JAXBANDIT_EMBED(4)
-    JAXBANDIT_EMBED(5) JAXBANDIT_EMBED(6) JAXBANDIT_EMBED(7) JAXBANDIT_EMBED(8)
-#undef JAXBANDIT_EMBED
+#define JAXBANDIT_COMBINE(D) \
+  case D:                    \
+    return CombineRowsFixed<D>(coef, out_stride, in_stride, in, n_in, base, scale, n_out, out);
+    JAXBANDIT_COMBINE(1) JAXBANDIT_COMBINE(2) JAXBANDIT_COMBINE(3) JAXBANDIT_COMBINE(4)
+    JAXBANDIT_COMBINE(5) JAXBANDIT_COMBINE(6) JAXBANDIT_COMBINE(7) JAXBANDIT_COMBINE(8)
+#undef JAXBANDIT_COMBINE
   }
   const int64_t q = static_cast<int64_t>(d) * d;
-  for (int64_t i = 0; i < U; ++i) {
-    float* w = out + i * q;
-    for (int64_t l = 0; l < q; ++l) w[l] = 0.0f;
-    for (int64_t j = 0; j < m; ++j) {
-      const float e = emb[i * m + j];
-      for (int64_t l = 0; l < q; ++l) w[l] += e * theta[j * q + l];
+  for (int64_t r = 0; r < n_out; ++r) {
+    float* o = out + r * q;
+    for (int64_t l = 0; l < q; ++l) o[l] = base != nullptr ? scale * base[r * q + l] : 0.0f;
+    for (int64_t s = 0; s < n_in; ++s) {
+      const float e = coef[r * out_stride + s * in_stride];
+      for (int64_t l = 0; l < q; ++l) o[l] += e * in[s * q + l];
     }
   }
 }
 
+// out (U, q) = E theta: row i is sum_j e_ij theta_j (E (U, m), theta (m, q)).
+void EmbedRows(const float* emb, const float* theta, int64_t U, int64_t m, int d, float* out) {
+  CombineRows(emb, m, 1, theta, m, nullptr, 0.0f, U, d, out);
+}
+
+// out (m, q) = E^T G + ridge theta: row j is ridge theta_j + sum_i e_ij G_i (G (U, q)).
 void GatherRows(const float* emb, const float* stats, const float* theta, float ridge, int64_t U,
                 int64_t m, int d, float* out) {
-  switch (d) {
-#define JAXBANDIT_GATHER(D) \
-  case D:                   \
-    return GatherRowsFixed<D>(emb, stats, theta, ridge, U, m, out);
-    JAXBANDIT_GATHER(1) JAXBANDIT_GATHER(2) JAXBANDIT_GATHER(3) JAXBANDIT_GATHER(4)
-    JAXBANDIT_GATHER(5) JAXBANDIT_GATHER(6) JAXBANDIT_GATHER(7) JAXBANDIT_GATHER(8)
-#undef JAXBANDIT_GATHER
-  }
-  const int64_t q = static_cast<int64_t>(d) * d;
-  for (int64_t j = 0; j < m; ++j) {
-    float* g = out + j * q;
-    for (int64_t l = 0; l < q; ++l) g[l] = ridge * theta[j * q + l];
-    for (int64_t i = 0; i < U; ++i) {
-      const float e = emb[i * m + j];
-      for (int64_t l = 0; l < q; ++l) g[l] += e * stats[i * q + l];
-    }
-  }
+  CombineRows(emb, 1, m, stats, U, theta, ridge, m, d, out);
 }
 
 // The statistics G (U, d * d) of user vectors `uv` over the first `rows` rows, in
