@@ -1,0 +1,178 @@
+"""Two bounds on the round's remaining work, for one paper-users seed (U = 100).
+
+Usage::
+
+    python benchmarks/refit_bounds.py steps  [--rounds 2000]   # ~20 s
+    python benchmarks/refit_bounds.py replay [--rounds 400]    # ~1-5 min
+
+``steps``: quasi-Newton steps a refit takes with the carried inverse Hessian,
+against the same seed with the carried inverse replaced, before every refit's
+steps, by the exact inverse Hessian at the warm start (all data, the new row
+included). The second run is slow (a Hessian and its inverse every round);
+its step counts bound what any better curvature could save.
+
+``replay``: the seed's estimates round by round, then, in NumPy (float64),
+how many (context, user) cells the certified regret pass's rule would make
+due a round (the query left the ball whose radius is the distance to the
+nearest boundary of its greedy region), how many would be due if each cell
+also kept its K nearest rivals and tested them exactly (the ball then covering
+only the other actions), and how many greedy actions actually changed.
+RESULTS.md, twentieth session, has the numbers and why neither idea was adopted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import attribution  # noqa: E402  (benchmarks/attribution.py: the paper seed)
+
+WINDOWS = [(0, 50), (50, 250), (250, 500), (500, 1000), (1000, 1500), (1500, 2000)]
+
+
+def exact_curvature():
+  """Makes every carried refit start from the exact inverse Hessian at its warm start."""
+  from jaxbandit import learners
+
+  original = learners.carried_quasi_newton
+
+  def patched(model, choice_model, params_init, carry, data, new_observation, ridge, **kw):
+    ridge_, _, _ = learners._setup(params_init, data, ridge, 1.0)
+    functions = learners._objective_functions(model, choice_model, data, ridge_,
+                                              kw.get("block_size"), kw.get("n_rows"),
+                                              params_init.dtype)
+
+    def exact(model_, choice_model_, inverse, params, *observation):
+      _, hessian = functions[2](params)
+      return learners._inverse_from_factor(model_, learners._factor(model_, hessian, 0.0))
+
+    saved, learners.add_observation = learners.add_observation, exact
+    try:
+      return original(model, choice_model, params_init, carry, data, new_observation, ridge, **kw)
+    finally:
+      learners.add_observation = saved
+
+  learners.carried_quasi_newton = patched
+
+
+def run_seed(rounds: int):
+  import jax
+
+  from jaxbandit import simulate
+
+  instance, config, params, key = attribution.paper_seed([0], rounds)
+  labels = attribution.labels_of(config, instance)
+  state = simulate.init_state(config, instance)
+  run = jax.jit(lambda s: simulate.run_rounds(config, instance, params, key, s, rounds,
+                                              action_labels=labels))
+  started = time.perf_counter()
+  _, records = jax.block_until_ready(run(state))
+  return records, time.perf_counter() - started
+
+
+def steps(rounds: int) -> None:
+  rows = []
+  for label in ("carried inverse", "exact inverse every round"):
+    if label.startswith("exact"):
+      exact_curvature()
+    records, seconds = run_seed(rounds)
+    steps_ = np.asarray(records.erm_iterations)
+    regret = float(np.sum(np.asarray(records.regret, np.float64)))
+    rows.append((label, steps_, regret, seconds))
+    print(f"{label}: {steps_.sum()} steps, cumulative regret {regret:.3f}, {seconds:.1f} s",
+          flush=True)
+  print("| rounds | " + " | ".join(label for label, *_ in rows) + " |")
+  print("|---|" + "---|" * len(rows))
+  for a, b in WINDOWS:
+    if b <= rounds:
+      print(f"| {a}-{b} | " + " | ".join(f"{s[a:b].mean():.2f}" for _, s, *_ in rows) + " |")
+
+
+def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from jaxbandit import simulate
+
+  instance, config, params, key = attribution.paper_seed([0], 1)
+  labels = np.asarray(attribution.labels_of(config, instance))  # (C, V)
+  _, learner, _ = simulate._components(config, instance)
+  one_round = jax.jit(lambda s: simulate.run_rounds(config, instance, params, key, s, 1,
+                                                    action_labels=jnp.asarray(labels))[0])
+  queries_of = jax.jit(learner.score_queries)
+  state = simulate.init_state(config, instance)
+  queries = [np.asarray(queries_of(state.params), np.float64)]
+  for _ in range(rounds):  # the estimate deployed in round t is the one after t refits
+    state = one_round(state)
+    queries.append(np.asarray(queries_of(state.params), np.float64))
+  queries = np.stack(queries)
+  keys = np.take_along_axis(np.asarray(learner.score_keys, np.float64), labels[:, :, None], 1)
+  n_contexts, n_users, r = queries.shape[1:]
+  rows = np.arange(n_contexts)[:, None, None]
+  norms = np.max(np.linalg.norm(np.asarray(learner.score_keys, np.float64), axis=-1), axis=1)
+
+  def due_counts(kept: int):
+    anchor = np.zeros((n_contexts, n_users, r))
+    radius = np.full((n_contexts, n_users), -np.inf)
+    greedy = np.zeros((n_contexts, n_users), int)
+    rivals = np.zeros((n_contexts, n_users, max(kept, 1)), int)
+    due_per_round, changed, previous = [], [], None
+    for t in range(rounds):
+      g = queries[t]
+      scores = np.einsum("cur,cvr->cuv", g, keys)
+      best = scores.argmax(-1)
+      quiet = np.linalg.norm(g - anchor, axis=-1) < radius
+      rounding = 1e-5 * (1 + np.linalg.norm(g, axis=-1) * norms[:, None])
+      if kept:
+        top = np.take_along_axis(scores, greedy[..., None], -1)
+        margins = top - np.take_along_axis(scores, rivals, -1)
+        quiet &= np.all(margins > rounding[..., None], axis=-1)
+      due = ~quiet
+      due_per_round.append(int(due.sum()))
+      if previous is not None:
+        changed.append(int(np.sum(best != previous)))
+      previous = best
+      top = np.take_along_axis(scores, best[..., None], -1)
+      gap = np.linalg.norm(keys[:, None] - keys[rows, best[..., None]], axis=-1)  # (C, U, V)
+      with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.where(gap > 0, (top - scores - rounding[..., None]) / gap, np.inf)
+      order = np.argsort(distance, axis=-1, kind="stable")
+      nearest = np.take_along_axis(distance, order, -1)
+      anchor = np.where(due[..., None], g, anchor)
+      radius = np.where(due, nearest[..., kept] * (1 - 1e-5), radius)
+      greedy = np.where(due, best, greedy)
+      if kept:
+        rivals = np.where(due[..., None], order[..., :kept], rivals)
+    return np.asarray(due_per_round), np.asarray([0] + changed)
+
+  windows = [(1, 50), (50, 250), (250, rounds)] + ([(1000, rounds)] if rounds > 1000 else [])
+  print("| kept rivals | " + " | ".join(f"due a round, {a}-{b}" for a, b in windows) + " |")
+  print("|---|" + "---|" * len(windows))
+  changed = None
+  for kept in kept_counts:
+    due, changed = due_counts(kept)
+    print(f"| {kept} | " + " | ".join(f"{due[a:b].mean():,.0f}" for a, b in windows) + " |",
+          flush=True)
+  print("| (greedy actions changed) | " +
+        " | ".join(f"{changed[a:b].mean():,.0f}" for a, b in windows) + " |")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("what", choices=["steps", "replay"])
+  parser.add_argument("--rounds", type=int, default=None)
+  args = parser.parse_args(argv)
+  if args.what == "steps":
+    steps(args.rounds or 2000)
+  else:
+    replay(args.rounds or 400)
+
+
+if __name__ == "__main__":
+  main()
