@@ -419,6 +419,7 @@ def test_argument_errors_do_not_wait_for_the_native_build(monkeypatch, kwargs):
     simulate(**kwargs)()
   assert not asked
 
+
 def test_unreachable_min_gap_raises_after_max_tries_quickly():
   started = time.perf_counter()
   with pytest.raises(ValueError) as info:
