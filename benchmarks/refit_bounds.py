@@ -78,9 +78,10 @@ def run_seed(rounds: int):
 
 def steps(rounds: int) -> None:
   rows = []
-  for label in ("carried inverse", "exact inverse every round"):
-    if label.startswith("exact"):
-      exact_curvature()
+  for label, prepare in (("carried inverse", None),
+                         ("exact inverse every round", exact_curvature)):
+    if prepare is not None:
+      prepare()
     records, seconds = run_seed(rounds)
     steps_ = np.asarray(records.erm_iterations)
     regret = float(np.sum(np.asarray(records.regret, np.float64)))
