@@ -29,6 +29,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -124,14 +128,41 @@ void Accumulate(const float* user_vectors, const float* contexts, const float* a
 constexpr int kLanes = 8;
 typedef float Lanes __attribute__((vector_size(4 * kLanes)));
 
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+
+// The first n (<= kLanes) floats of a row as a vector, the rest zero. With AVX
+// a masked load (the lanes past n are not read, so no row's end is overrun);
+// otherwise lane by lane. Not a memcpy into a zeroed vector, nor lane-by-lane
+// inserts where the compiler builds the vector on the stack: both store floats
+// that are read back at once as one wider load, which stalls store-to-load
+// forwarding (2-4x slower).
+inline Lanes LoadFirst(const float* row, int64_t n) {
+#if defined(__AVX__)
+  static_assert(kLanes == 8, "one AVX register of floats");
+  const Ints lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+  const Ints mask = lanes < static_cast<int32_t>(n);
+  return _mm256_maskload_ps(row, (__m256i)mask);
+#else
+  Lanes out = {};
+  for (int64_t l = 0; l < n; ++l) out[l] = row[l];
+  return out;
+#endif
+}
+
+// The first n (<= kLanes) lanes of v into row[0..n): one store for a whole
+// vector, lane by lane otherwise (a masked store is microcoded on some CPUs).
+inline void StoreFirst(float* row, int64_t n, Lanes v) {
+  if (n == kLanes) {
+    std::memcpy(row, &v, sizeof(v));
+    return;
+  }
+  for (int64_t l = 0; l < n; ++l) row[l] = v[l];
+}
+
 // D floats into the first lanes of a vector, the rest zero.
-// Lane by lane, not by memcpy into a zeroed vector: that compiles to stores
-// read back as one wider load, which stalls store-to-load forwarding (2x slower).
 template <int D>
 inline Lanes LoadRow(const float* row) {
-  Lanes out = {};
-  for (int l = 0; l < D; ++l) out[l] = row[l];
-  return out;
+  return LoadFirst(row, D);
 }
 
 inline float Sum(Lanes v) {
@@ -139,8 +170,6 @@ inline float Sum(Lanes v) {
   const float b = (v[4] + v[5]) + (v[6] + v[7]);
   return a + b;
 }
-
-typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
 
 // exp(x) for kLanes floats: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6
 // polynomial for exp(r) (at most 8e-8 relative error, measured), times 2^n in the
@@ -267,13 +296,6 @@ inline void Dot2(const float* row, const float* a, const float* b, int64_t n, fl
   *out_b = Sum(tb) + rb;
 }
 
-// The first n floats of a row into a vector, the rest zero (n <= kLanes).
-inline Lanes LoadFirst(const float* row, int64_t n) {
-  Lanes out = {};
-  for (int64_t l = 0; l < n; ++l) out[l] = row[l];
-  return out;
-}
-
 // Row r of out (n_out, q) = scale base_r + sum_s coef[r * out_stride + s * in_stride] in_s
 // for in (n_in, q), q = D * D (base null: no base term), with the rows of `in`
 // padded to QB vectors once and each output row's QB vectors kept in registers.
@@ -288,7 +310,6 @@ void CombineRowsFixed(const float* coef, int64_t out_stride, int64_t in_stride, 
   std::vector<Lanes> padded(n_in * QB);
   for (int64_t s = 0; s < n_in; ++s)
     for (int b = 0; b < QB; ++b) padded[s * QB + b] = load(in + s * q, b);
-  alignas(32) float row[QB * kLanes];
   for (int64_t r = 0; r < n_out; ++r) {
     Lanes acc[QB] = {};
     if (base != nullptr)
@@ -297,8 +318,8 @@ void CombineRowsFixed(const float* coef, int64_t out_stride, int64_t in_stride, 
       const float e = coef[r * out_stride + s * in_stride];
       for (int b = 0; b < QB; ++b) acc[b] += e * padded[s * QB + b];
     }
-    std::memcpy(row, acc, sizeof(acc));
-    std::memcpy(out + r * q, row, q * sizeof(float));
+    for (int b = 0; b < QB; ++b)
+      StoreFirst(out + r * q + b * kLanes, std::min(kLanes, q - b * kLanes), acc[b]);
   }
 }
 
