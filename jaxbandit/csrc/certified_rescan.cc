@@ -292,11 +292,12 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
           slot = ahead ? kIota + int32_t(b * kLanes) : slot;
         }
         for (int l = 0; l < kLanes; ++l) top = high[l] > top ? high[l] : top;
-        int32_t first = std::numeric_limits<int32_t>::max();
-        for (int l = 0; l < kLanes; ++l) {
-          const int32_t candidate = high[l] == top ? slot[l] : std::numeric_limits<int32_t>::max();
-          first = candidate < first ? candidate : first;
-        }
+        // The lanes at top keep their slot, the others none (one vector compare
+        // and select: per lane, the compiler made it a branch on the scores).
+        const Slots none = std::numeric_limits<int32_t>::max() - Slots{};
+        const Slots candidate = high == top - Lanes{} ? slot : none;
+        int32_t first = candidate[0];
+        for (int l = 1; l < kLanes; ++l) first = std::min(first, int32_t(candidate[l]));
         best = first == std::numeric_limits<int32_t>::max() ? -1 : first;  // no lane reached top (NaN)
       } else {  // a non-finite query: the full pass's rule, the first score above the best so far
         for (int64_t v = 0; v < width; ++v) {
