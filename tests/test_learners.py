@@ -735,20 +735,34 @@ def test_fit_erm_carried_matches_scipy_after_each_new_row(model_name, choice_nam
   assert error < 0.2, error
 
 
-@pytest.mark.parametrize("choice_name,max_steps", [
-    ("bradley_terry", 1), ("bradley_terry", 3), ("multinomial_logit", 3)])
-def test_native_carried_steps_match_numpy_quasi_newton(choice_name, max_steps, inst, rng):
+# d = 3, J = 3: 27 parameters (not a multiple of the kernel's 4 rows or 8 lanes) and
+# d^2 = 9 per factor (a whole vector of 8 and one more).
+ODD_SIZES = dict(TINY_SIZES, dim=3)
+
+
+@pytest.mark.parametrize("choice_name,max_steps,sizes", [
+    ("bradley_terry", 1, "tiny"), ("bradley_terry", 3, "tiny"),
+    ("multinomial_logit", 3, "tiny"), ("bradley_terry", 3, "odd")])
+def test_native_carried_steps_match_numpy_quasi_newton(choice_name, max_steps, sizes, inst, rng):
   """The native quasi-Newton loop (erm_gradient='native', shared parameters) against the
   same loop written in NumPy (float64): trial = theta + direction, its gradient from
   the rows, the BFGS update of the inverse where the secant pair carries curvature,
   direction = -P grad, the decrement grad^T P grad / 2; a step is kept only if the
   decrement fell. Bradley-Terry rows take the kernel's float32 vector path, logit
-  choices among 3 its float64 row loop."""
+  choices among 3 its float64 row loop; the odd sizes take the kernel's paths for
+  rows of the inverse and factor blocks that do not fill a vector."""
+  if sizes == "odd":
+    inst = I.make_instance(jax.random.key(0), **ODD_SIZES)
+    data = make_data(inst, choice_name, 0)
+  else:
+    data = cached_data(choice_name)
   model = L.make_model_class("known_heads", inst)
-  data = cached_data(choice_name)
+  assert sizes == "tiny" or (model.param_shape == (3, 9) and 27 % 4 and 27 % 8)
   design = np_design("known_heads", inst, data)
   parts = np_objective(design, data.outcomes, np.ones(N_ROWS), 1.0)
-  theta = 0.3 * rng.standard_normal(design.shape[-1])
+  # Near enough the minimum that every step lowers the decrement (27 parameters at
+  # 0.3 overshoot).
+  theta = (0.3 if sizes == "tiny" else 0.1) * rng.standard_normal(design.shape[-1])
   # A preconditioner 10% off the inverse Hessian, so that the steps are real and each
   # BFGS update moves it.
   hess = parts(theta)[2]

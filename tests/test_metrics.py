@@ -302,7 +302,9 @@ def test_factor_cell_regret_breaks_exact_ties_to_the_lowest_supported_action(see
 # The regret pass over the actions that can be greedy (extreme points)
 # ---------------------------------------------------------------------------
 
-HULL_CONTEXTS, HULL_USERS, HULL_ACTIONS = 5, 4, 40
+# 72 actions: labels over every supported action fill nine vectors of 8 slots, as at
+# paper size (the certified kernel scores eight blocks at a time, then one).
+HULL_CONTEXTS, HULL_USERS, HULL_ACTIONS = 5, 4, 72
 
 
 def hull_problem(seed, integer_keys=False):
