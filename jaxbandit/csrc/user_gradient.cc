@@ -283,9 +283,11 @@ struct PendingUpdate {
   const float* py;
 };
 
-// P' (row j, entries [k, k + kLanes)) from P's, in the order that keeps P'
-// symmetric bit for bit: the two outer products summed before scaling.
-inline Lanes UpdatedBlock(Lanes v, const PendingUpdate& u, float sj, float pyj, Lanes sk, Lanes pyk) {
+// P'_jk from P_jk (T = float), or kLanes consecutive entries of row j (T =
+// Lanes), in the order that keeps P' symmetric bit for bit: the two outer
+// products summed before scaling.
+template <typename T>
+inline T Updated(T v, const PendingUpdate& u, float sj, float pyj, T sk, T pyk) {
   return (v - u.r * (sk * pyj + pyk * sj)) + u.c * (sk * sj);
 }
 
@@ -323,7 +325,7 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
       Lanes v;
       std::memcpy(&v, row[i] + k, sizeof(v));
       if (kPending) {
-        v = UpdatedBlock(v, u, sj[i], pyj[i], sk, pyk);
+        v = Updated(v, u, sj[i], pyj[i], sk, pyk);
         std::memcpy(row[i] + k, &v, sizeof(v));
       }
       ta[i] += v * x;
@@ -335,7 +337,7 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
     for (int i = 0; i < R; ++i) {
       float v = row[i][k];
       if (kPending) {
-        v = (v - u.r * (u.s[k] * pyj[i] + u.py[k] * sj[i])) + u.c * (u.s[k] * sj[i]);
+        v = Updated(v, u, sj[i], pyj[i], u.s[k], u.py[k]);
         row[i][k] = v;
       }
       ra[i] += v * a[k];
@@ -359,6 +361,24 @@ void UpdateAndMultiply(float* inverse, int64_t p, const PendingUpdate& u, const 
   } else {
     for (; j + 4 <= p; j += 4) UpdateAndMultiplyRows<4, false>(inverse, p, j, u, a, b, out_a, out_b);
     for (; j < p; ++j) UpdateAndMultiplyRows<1, false>(inverse, p, j, u, a, b, out_a, out_b);
+  }
+}
+
+// P brought up to date with the pending update u, row by row, without products.
+void ApplyUpdate(float* inverse, int64_t p, const PendingUpdate& u) {
+  for (int64_t j = 0; j < p; ++j) {
+    float* row = inverse + j * p;
+    const float sj = u.s[j], pyj = u.py[j];
+    int64_t k = 0;
+    for (; k + kLanes <= p; k += kLanes) {
+      Lanes v, sk, pyk;
+      std::memcpy(&v, row + k, sizeof(v));
+      std::memcpy(&sk, u.s + k, sizeof(sk));
+      std::memcpy(&pyk, u.py + k, sizeof(pyk));
+      v = Updated(v, u, sj, pyj, sk, pyk);
+      std::memcpy(row + k, &v, sizeof(v));
+    }
+    for (; k < p; ++k) row[k] = Updated(row[k], u, sj, pyj, u.s[k], u.py[k]);
   }
 }
 
@@ -570,13 +590,6 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
   bool pending = false;
   float pending_r = 0.0f, pending_c = 0.0f;
   std::vector<float> pending_s(p), pending_py(p);
-  auto apply_pending = [&](float* row, int64_t j) {
-    const float sj = pending_s[j], pyj = pending_py[j];
-    const float* ps = pending_s.data();
-    const float* ppy = pending_py.data();
-    for (int64_t k = 0; k < p; ++k)
-      row[k] = (row[k] - pending_r * (ps[k] * pyj + ppy[k] * sj)) + pending_c * (ps[k] * sj);
-  };
   auto dot = [p](const float* a, const float* b) { return Dot(a, b, p); };
   int32_t steps = 0;
   bool going = usable;
@@ -625,7 +638,8 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
     decrement = trial_decrement;
   }
   if (pending) {
-    for (int64_t j = 0; j < p; ++j) apply_pending(inverse + j * p, j);
+    ApplyUpdate(inverse, p, PendingUpdate{true, pending_r, pending_c, pending_s.data(),
+                                          pending_py.data()});
   }
   std::memcpy(params_out->typed_data(), theta.data(), p * sizeof(float));
   std::memcpy(grad_out->typed_data(), grad.data(), p * sizeof(float));
