@@ -187,7 +187,7 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
   // Due cells scored and waiting for their radius and value (at most kBatch, from
   // any contexts: late in a run a context has one or two).
   struct Pending {
-    int64_t cell, context, user;
+    int64_t context, user;
     const float* gap;  // the gap table's row of the greedy slot
     int32_t action;    // the greedy action
     float top, rounding;
@@ -211,9 +211,10 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       }
       float low = kInf;
       for (int l = 0; l < kLanes; ++l) low = nearest[l] < low ? nearest[l] : low;
-      radius[cell.cell] = low;
-      allowance[cell.cell] = allowance_after(cell.context, cell.user, low, 0.0f);
-      value[cell.cell] = values[cell.cell * n_actions + cell.action];
+      const int64_t index = cell.context * n_users + cell.user;
+      radius[index] = low;
+      allowance[index] = allowance_after(cell.context, cell.user, low, 0.0f);
+      value[index] = values[index * n_actions + cell.action];
     }
     n_pending = 0;
   };
@@ -320,7 +321,7 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       const int32_t action = label_rows[c * width + best];
       __builtin_prefetch(values + cell * n_actions + action);
       Pending& next = pending[n_pending];
-      next = {cell, c, u, gap, action, top, 1e-5f * (1.0f + std::sqrt(norm2) * norms[c])};
+      next = {c, u, gap, action, top, 1e-5f * (1.0f + std::sqrt(norm2) * norms[c])};
       if (++n_pending == kBatch) finish_batch();
     }
   }
