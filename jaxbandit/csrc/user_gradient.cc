@@ -275,9 +275,8 @@ inline float Dot(const float* a, const float* b, int64_t n) {
 }
 
 // The BFGS update of the inverse Hessian P that a step kept and that is still
-// to be applied: P' = P - r (s (Py)^T + (Py) s^T) + c s s^T (on: whether there is one).
+// to be applied: P' = P - r (s (Py)^T + (Py) s^T) + c s s^T.
 struct PendingUpdate {
-  bool on;
   float r, c;
   const float* s;
   const float* py;
@@ -291,8 +290,9 @@ inline T Updated(T v, const PendingUpdate& u, float sj, float pyj, T sk, T pyk) 
   return (v - u.r * (sk * pyj + pyk * sj)) + u.c * (sk * sj);
 }
 
-// Rows j0 .. j0 + R - 1 of P brought up to date with the pending update (and
-// written back), and their products with a and b, into out_a[j], out_b[j].
+// Rows j0 .. j0 + R - 1 of P brought up to date with the pending update u
+// (and written back; kPending false: no update, u unread), and their products
+// with a and b, into out_a[j], out_b[j].
 // R rows at a time so that their 2R sums are independent chains: one row's two
 // sums alone wait on the adder's latency (a pass at p = 250: 13 against 18 us,
 // microbenchmark, one core).
@@ -300,15 +300,15 @@ inline T Updated(T v, const PendingUpdate& u, float sj, float pyj, T sk, T pyk) 
 // the blocks, then Sum, then the scalar rest), so the products are the same bit
 // for bit.
 template <int R, bool kPending>
-void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingUpdate& u,
+void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingUpdate* u,
                            const float* a, const float* b, float* out_a, float* out_b) {
   float* row[R];
   float sj[R] = {}, pyj[R] = {};
   for (int i = 0; i < R; ++i) {
     row[i] = inverse + (j0 + i) * p;
     if (kPending) {
-      sj[i] = u.s[j0 + i];
-      pyj[i] = u.py[j0 + i];
+      sj[i] = u->s[j0 + i];
+      pyj[i] = u->py[j0 + i];
     }
   }
   Lanes ta[R] = {}, tb[R] = {};
@@ -318,14 +318,14 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
     std::memcpy(&x, a + k, sizeof(x));
     std::memcpy(&y, b + k, sizeof(y));
     if (kPending) {
-      std::memcpy(&sk, u.s + k, sizeof(sk));
-      std::memcpy(&pyk, u.py + k, sizeof(pyk));
+      std::memcpy(&sk, u->s + k, sizeof(sk));
+      std::memcpy(&pyk, u->py + k, sizeof(pyk));
     }
     for (int i = 0; i < R; ++i) {
       Lanes v;
       std::memcpy(&v, row[i] + k, sizeof(v));
       if (kPending) {
-        v = Updated(v, u, sj[i], pyj[i], sk, pyk);
+        v = Updated(v, *u, sj[i], pyj[i], sk, pyk);
         std::memcpy(row[i] + k, &v, sizeof(v));
       }
       ta[i] += v * x;
@@ -337,7 +337,7 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
     for (int i = 0; i < R; ++i) {
       float v = row[i][k];
       if (kPending) {
-        v = Updated(v, u, sj[i], pyj[i], u.s[k], u.py[k]);
+        v = Updated(v, *u, sj[i], pyj[i], u->s[k], u->py[k]);
         row[i][k] = v;
       }
       ra[i] += v * a[k];
@@ -351,17 +351,20 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
 }
 
 // P a and P b in one pass over P's rows, each row first brought up to date
-// with the pending update: four rows at a time, then the last p % 4 one by one.
-void UpdateAndMultiply(float* inverse, int64_t p, const PendingUpdate& u, const float* a,
-                       const float* b, float* out_a, float* out_b) {
+// with the pending update u (null: none): four rows at a time, then the last
+// p % 4 one by one.
+template <bool kPending>
+void UpdateAndMultiplyAll(float* inverse, int64_t p, const PendingUpdate* u, const float* a,
+                          const float* b, float* out_a, float* out_b) {
   int64_t j = 0;
-  if (u.on) {
-    for (; j + 4 <= p; j += 4) UpdateAndMultiplyRows<4, true>(inverse, p, j, u, a, b, out_a, out_b);
-    for (; j < p; ++j) UpdateAndMultiplyRows<1, true>(inverse, p, j, u, a, b, out_a, out_b);
-  } else {
-    for (; j + 4 <= p; j += 4) UpdateAndMultiplyRows<4, false>(inverse, p, j, u, a, b, out_a, out_b);
-    for (; j < p; ++j) UpdateAndMultiplyRows<1, false>(inverse, p, j, u, a, b, out_a, out_b);
-  }
+  for (; j + 4 <= p; j += 4) UpdateAndMultiplyRows<4, kPending>(inverse, p, j, u, a, b, out_a, out_b);
+  for (; j < p; ++j) UpdateAndMultiplyRows<1, kPending>(inverse, p, j, u, a, b, out_a, out_b);
+}
+
+void UpdateAndMultiply(float* inverse, int64_t p, const PendingUpdate* u, const float* a,
+                       const float* b, float* out_a, float* out_b) {
+  if (u != nullptr) return UpdateAndMultiplyAll<true>(inverse, p, u, a, b, out_a, out_b);
+  UpdateAndMultiplyAll<false>(inverse, p, u, a, b, out_a, out_b);
 }
 
 // P brought up to date with the pending update u, row by row, without products.
@@ -605,8 +608,9 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
     for (int64_t k = 0; k < p; ++k) y[k] = trial_grad[k] - grad[k];
     // P y and P g' in one pass over P's rows, each row first brought up to
     // date with the previous step's update.
-    const PendingUpdate update{pending, pending_r, pending_c, pending_s.data(), pending_py.data()};
-    UpdateAndMultiply(inverse, p, update, y.data(), trial_grad.data(), py.data(), pg.data());
+    const PendingUpdate update{pending_r, pending_c, pending_s.data(), pending_py.data()};
+    UpdateAndMultiply(inverse, p, pending ? &update : nullptr, y.data(), trial_grad.data(),
+                      py.data(), pg.data());
     pending = false;
     const float* s = direction.data();
     const float sy = dot(s, y.data());
@@ -638,7 +642,7 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
     decrement = trial_decrement;
   }
   if (pending) {
-    ApplyUpdate(inverse, p, PendingUpdate{true, pending_r, pending_c, pending_s.data(),
+    ApplyUpdate(inverse, p, PendingUpdate{pending_r, pending_c, pending_s.data(),
                                           pending_py.data()});
   }
   std::memcpy(params_out->typed_data(), theta.data(), p * sizeof(float));
