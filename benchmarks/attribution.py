@@ -6,6 +6,7 @@ Usage::
     python benchmarks/attribution.py --rounds-at 2000 --repeats 20 --out results/bench
     python benchmarks/attribution.py --regret-modes        # 'full' against 'certified'
     python benchmarks/attribution.py --gradient-modes      # erm_gradient 'xla' against 'native'
+    python benchmarks/attribution.py --only Woodbury       # the base kernel and one variant
 
     # one core, one XLA thread (as each host device of a two-core run):
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
@@ -154,13 +155,14 @@ def patched(module, name, value):
     setattr(module, name, saved)
 
 
-def variants(evaluation: str = "full"):
+def variants(evaluation: str = "full", only=None):
   """``(label, module, attribute, make, regret_may_differ)`` rows: the kernel
   with ``module.attribute`` replaced by ``make(original)`` (``module`` None:
   the kernel as it is), and whether its regret fields may differ from the
   base kernel's (every other field must not). ``evaluation``: the kernel's
   resolved ``regret_evaluation``, 'full' or 'certified' (whose pass is
-  ``metrics.certified_cell_values``, its queries argument 3)."""
+  ``metrics.certified_cell_values``, its queries argument 3). ``only``: words; if
+  given, just the base rows and the variants whose label holds one of them."""
   from jaxbandit import learners, metrics
 
   twice = lambda argnum: (lambda fn: run_twice(fn, argnum))
@@ -172,7 +174,7 @@ def variants(evaluation: str = "full"):
   if evaluation == "certified":  # without user vectors the pass measures every cell
     drift = [("certified, every cell measured (no drift bound)", metrics,
               "certified_cell_values", measure_every_cell, False)]
-  return [
+  rows = [
       ("base", None, None, None, False),
       ("base, again (noise)", None, None, None, False),
       ("regret pass removed", metrics, regret[0], regret[1], True),
@@ -188,6 +190,8 @@ def variants(evaluation: str = "full"):
       # BFGS updates, and preconditions only the first direction: the loop is this row.
       ("native quasi-Newton steps twice", learners, "native_carried_steps", twice(3), False),
   ]
+  return [row for row in rows
+          if not only or row[1] is None or any(word in row[0] for word in only)]
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +229,7 @@ def labels_of(config, instance):
   return None if labels is None else jax.numpy.asarray(labels[0])
 
 
-def measure(rounds_at, repeats: int, window: int):
+def measure(rounds_at, repeats: int, window: int, only=None):
   import jax
 
   from jaxbandit import simulate
@@ -246,7 +250,7 @@ def measure(rounds_at, repeats: int, window: int):
   compiled, compile_s = [], []
   evaluation = simulate.resolve_regret_evaluation(config)
   print(f"regret_evaluation: {evaluation}", flush=True)
-  for label, module, attribute, make, regret_may_differ in variants(evaluation):
+  for label, module, attribute, make, regret_may_differ in variants(evaluation, only):
     started = time.perf_counter()
     if module is None:
       executable = kernel().lower(*inputs, state, false).compile()
@@ -384,6 +388,9 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--window", type=int, default=500, help="rounds a timed call runs")
   p.add_argument("--out", default="results/bench")
+  p.add_argument("--only", default="",
+                 help="comma-separated words: time only the variants whose label holds one "
+                      "(and the base kernel), e.g. --only Woodbury,BFGS")
   p.add_argument("--regret-modes", action="store_true",
                  help="instead of the pieces: the kernel with regret_evaluation 'full' against "
                       "'certified' (writes regret_modes.csv/json)")
@@ -394,6 +401,7 @@ def parse_args(argv=None):
   if args.regret_modes and args.gradient_modes:
     raise SystemExit("--regret-modes and --gradient-modes: give one of them")
   args.rounds_at = [int(v) for v in args.rounds_at.split(",")]
+  args.only = [word for word in args.only.split(",") if word]
   for t in args.rounds_at:
     if t < 0 or t % args.window:
       raise SystemExit(f"--rounds-at: {t} is not a non-negative multiple of "
@@ -420,7 +428,7 @@ def main(argv=None) -> None:
       rows = compare_regret_modes(args.rounds_at, args.repeats, args.window,
                                   modes=("xla", "native"), field="erm_gradient")
     else:
-      rows = measure(args.rounds_at, args.repeats, args.window)
+      rows = measure(args.rounds_at, args.repeats, args.window, args.only)
   print()
   print(bench.format_table(rows, columns))
   os.makedirs(args.out, exist_ok=True)

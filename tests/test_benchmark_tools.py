@@ -110,3 +110,12 @@ def test_attribution_runs_a_piece_twice_and_returns_its_first_result():
   both = jax.jit(twice).lower(*args).compile().as_text()
   assert once.count(" sine(") == 1
   assert both.count(" sine(") == 2
+
+
+def test_attribution_only_keeps_the_base_rows_and_the_named_variants():
+  attribution = load_benchmark_module("attribution.py")
+  every = [row[0] for row in attribution.variants("certified")]
+  kept = [row[0] for row in attribution.variants("certified", ["Woodbury", "BFGS"])]
+  assert kept == ["base", "base, again (noise)", "Woodbury update twice", "BFGS updates twice"]
+  assert set(kept) < set(every)
+  assert attribution.parse_args(["--only", "Woodbury,BFGS"]).only == ["Woodbury", "BFGS"]
