@@ -182,6 +182,7 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
   };
 
   const int64_t blocks = width / kLanes;
+  const int64_t plane_stride = n_contexts * width;  // factor j's slot keys: plane + j * stride
   std::vector<int64_t> check(n_users);  // the context's cells whose allowance ran out
   int32_t n_due = 0, n_checked = 0;
   // Due cells scored and waiting for their radius and value (at most kBatch, from
@@ -224,6 +225,7 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
     // certified without reading its query. Allowances shrink by the drift
     // rounded up (a - d - a 2^-22 <= a - d in float32); the others are checked.
     int64_t n_check = 0;
+    const float* plane = k_planes + c * width;  // the context's slot keys, factor 0
     float* row_allowance = allowance + c * n_users;
     const float* row_weight = weight + c * n_users;
     const float* row_radius = radius + c * n_users;
@@ -273,8 +275,6 @@ ffi::Error CertifiedRescanImpl(ffi::Buffer<ffi::F32> queries,      // (C, U, r)
       // two then break near-ties alike (without the fma, 2 of 2,000 rounds of a
       // paper-size seed differed; with it, none of that seed's, and 11 of
       // 16,000 seed-rounds over eight seeds, each in one cell).
-      const float* plane = k_planes + c * width;
-      const int64_t plane_stride = n_contexts * width;
       int64_t b = 0;
       for (; b + 8 <= blocks; b += 8) ScoreBlocks<8>(g, r, plane, plane_stride, b, scores);
       for (; b + 4 <= blocks; b += 4) ScoreBlocks<4>(g, r, plane, plane_stride, b, scores);

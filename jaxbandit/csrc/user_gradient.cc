@@ -159,12 +159,6 @@ inline void StoreFirst(float* row, int64_t n, Lanes v) {
   for (int64_t l = 0; l < n; ++l) row[l] = v[l];
 }
 
-// D floats into the first lanes of a vector, the rest zero.
-template <int D>
-inline Lanes LoadRow(const float* row) {
-  return LoadFirst(row, D);
-}
-
 inline float Sum(Lanes v) {
   const float a = (v[0] + v[1]) + (v[2] + v[3]);
   const float b = (v[4] + v[5]) + (v[6] + v[7]);
@@ -213,7 +207,7 @@ void AccumulatePairs(const float* user_vectors, const float* contexts, const flo
                      int64_t n_actions, int64_t n_users, float* stats_out) {
   std::vector<Lanes> w(static_cast<size_t>(n_users) * D), g_sum(static_cast<size_t>(n_users) * D);
   for (int64_t i = 0; i < n_users; ++i)
-    for (int j = 0; j < D; ++j) w[i * D + j] = LoadRow<D>(user_vectors + (i * D + j) * D);
+    for (int j = 0; j < D; ++j) w[i * D + j] = LoadFirst(user_vectors + (i * D + j) * D, D);
   std::fill(g_sum.begin(), g_sum.end(), Lanes{});
   Lanes gap[kBlock];
   alignas(32) float delta[kBlock], coef[kBlock], chosen[kBlock], weight[kBlock];
@@ -228,8 +222,8 @@ void AccumulatePairs(const float* user_vectors, const float* contexts, const flo
       Lanes g = x[0] * wi[0];
       for (int j = 1; j < D; ++j) g += x[j] * wi[j];
       const float* keys = actions + c * n_actions * D;
-      const Lanes z = LoadRow<D>(keys + static_cast<int64_t>(slates[2 * n]) * D) -
-                      LoadRow<D>(keys + static_cast<int64_t>(slates[2 * n + 1]) * D);
+      const Lanes z = LoadFirst(keys + static_cast<int64_t>(slates[2 * n]) * D, D) -
+                      LoadFirst(keys + static_cast<int64_t>(slates[2 * n + 1]) * D, D);
       gap[r] = z;
       delta[r] = Sum(g * z);
       chosen[r] = outcomes[n] == 0 ? 1.0f : 0.0f;
@@ -291,15 +285,16 @@ inline T Updated(T v, const PendingUpdate& u, float sj, float pyj, T sk, T pyk) 
 }
 
 // Rows j0 .. j0 + R - 1 of P brought up to date with the pending update u
-// (and written back; kPending false: no update, u unread), and their products
-// with a and b, into out_a[j], out_b[j].
+// (and written back; kPending false: no update, u unread), and, with
+// kProducts, their products with a and b into out_a[j], out_b[j] (without,
+// a, b, out_a and out_b are unread).
 // R rows at a time so that their 2R sums are independent chains: one row's two
 // sums alone wait on the adder's latency (a pass at p = 250: 13 against 18 us,
 // microbenchmark, one core).
 // Each row's sums are taken in one order whatever R (kLanes partial sums over
 // the blocks, then Sum, then the scalar rest), so the products are the same bit
 // for bit.
-template <int R, bool kPending>
+template <int R, bool kPending, bool kProducts>
 void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingUpdate* u,
                            const float* a, const float* b, float* out_a, float* out_b) {
   float* row[R];
@@ -314,9 +309,11 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
   Lanes ta[R] = {}, tb[R] = {};
   int64_t k = 0;
   for (; k + kLanes <= p; k += kLanes) {
-    Lanes x, y, sk = {}, pyk = {};
-    std::memcpy(&x, a + k, sizeof(x));
-    std::memcpy(&y, b + k, sizeof(y));
+    Lanes x = {}, y = {}, sk = {}, pyk = {};
+    if (kProducts) {
+      std::memcpy(&x, a + k, sizeof(x));
+      std::memcpy(&y, b + k, sizeof(y));
+    }
     if (kPending) {
       std::memcpy(&sk, u->s + k, sizeof(sk));
       std::memcpy(&pyk, u->py + k, sizeof(pyk));
@@ -328,8 +325,10 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
         v = Updated(v, *u, sj[i], pyj[i], sk, pyk);
         std::memcpy(row[i] + k, &v, sizeof(v));
       }
-      ta[i] += v * x;
-      tb[i] += v * y;
+      if (kProducts) {
+        ta[i] += v * x;
+        tb[i] += v * y;
+      }
     }
   }
   float ra[R] = {}, rb[R] = {};
@@ -340,49 +339,41 @@ void UpdateAndMultiplyRows(float* inverse, int64_t p, int64_t j0, const PendingU
         v = Updated(v, *u, sj[i], pyj[i], u->s[k], u->py[k]);
         row[i][k] = v;
       }
-      ra[i] += v * a[k];
-      rb[i] += v * b[k];
+      if (kProducts) {
+        ra[i] += v * a[k];
+        rb[i] += v * b[k];
+      }
     }
   }
+  if (!kProducts) return;
   for (int i = 0; i < R; ++i) {
     out_a[j0 + i] = Sum(ta[i]) + ra[i];
     out_b[j0 + i] = Sum(tb[i]) + rb[i];
   }
 }
 
-// P a and P b in one pass over P's rows, each row first brought up to date
-// with the pending update u (null: none): four rows at a time, then the last
-// p % 4 one by one.
-template <bool kPending>
+// One pass over P's rows, each row first brought up to date with the pending
+// update u (kPending), then (kProducts) multiplied with a and b: four rows at
+// a time, then the last p % 4 one by one.
+template <bool kPending, bool kProducts>
 void UpdateAndMultiplyAll(float* inverse, int64_t p, const PendingUpdate* u, const float* a,
                           const float* b, float* out_a, float* out_b) {
   int64_t j = 0;
-  for (; j + 4 <= p; j += 4) UpdateAndMultiplyRows<4, kPending>(inverse, p, j, u, a, b, out_a, out_b);
-  for (; j < p; ++j) UpdateAndMultiplyRows<1, kPending>(inverse, p, j, u, a, b, out_a, out_b);
+  for (; j + 4 <= p; j += 4)
+    UpdateAndMultiplyRows<4, kPending, kProducts>(inverse, p, j, u, a, b, out_a, out_b);
+  for (; j < p; ++j)
+    UpdateAndMultiplyRows<1, kPending, kProducts>(inverse, p, j, u, a, b, out_a, out_b);
 }
 
 void UpdateAndMultiply(float* inverse, int64_t p, const PendingUpdate* u, const float* a,
                        const float* b, float* out_a, float* out_b) {
-  if (u != nullptr) return UpdateAndMultiplyAll<true>(inverse, p, u, a, b, out_a, out_b);
-  UpdateAndMultiplyAll<false>(inverse, p, u, a, b, out_a, out_b);
+  if (u != nullptr) return UpdateAndMultiplyAll<true, true>(inverse, p, u, a, b, out_a, out_b);
+  UpdateAndMultiplyAll<false, true>(inverse, p, u, a, b, out_a, out_b);
 }
 
-// P brought up to date with the pending update u, row by row, without products.
+// P brought up to date with the pending update u, without products.
 void ApplyUpdate(float* inverse, int64_t p, const PendingUpdate& u) {
-  for (int64_t j = 0; j < p; ++j) {
-    float* row = inverse + j * p;
-    const float sj = u.s[j], pyj = u.py[j];
-    int64_t k = 0;
-    for (; k + kLanes <= p; k += kLanes) {
-      Lanes v, sk, pyk;
-      std::memcpy(&v, row + k, sizeof(v));
-      std::memcpy(&sk, u.s + k, sizeof(sk));
-      std::memcpy(&pyk, u.py + k, sizeof(pyk));
-      v = Updated(v, u, sj, pyj, sk, pyk);
-      std::memcpy(row + k, &v, sizeof(v));
-    }
-    for (; k < p; ++k) row[k] = Updated(row[k], u, sj, pyj, u.s[k], u.py[k]);
-  }
+  UpdateAndMultiplyAll<true, false>(inverse, p, &u, nullptr, nullptr, nullptr, nullptr);
 }
 
 // Row r of out (n_out, q) = scale base_r + sum_s coef[r * out_stride + s * in_stride] in_s
@@ -593,6 +584,9 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
   bool pending = false;
   float pending_r = 0.0f, pending_c = 0.0f;
   std::vector<float> pending_s(p), pending_py(p);
+  auto pending_update = [&] {
+    return PendingUpdate{pending_r, pending_c, pending_s.data(), pending_py.data()};
+  };
   auto dot = [p](const float* a, const float* b) { return Dot(a, b, p); };
   int32_t steps = 0;
   bool going = usable;
@@ -608,7 +602,7 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
     for (int64_t k = 0; k < p; ++k) y[k] = trial_grad[k] - grad[k];
     // P y and P g' in one pass over P's rows, each row first brought up to
     // date with the previous step's update.
-    const PendingUpdate update{pending_r, pending_c, pending_s.data(), pending_py.data()};
+    const PendingUpdate update = pending_update();
     UpdateAndMultiply(inverse, p, pending ? &update : nullptr, y.data(), trial_grad.data(),
                       py.data(), pg.data());
     pending = false;
@@ -641,10 +635,7 @@ ffi::Error CarriedStepsImpl(ffi::Buffer<ffi::F32> embedding,      // (U, m) e_i
     direction.swap(pg);
     decrement = trial_decrement;
   }
-  if (pending) {
-    ApplyUpdate(inverse, p, PendingUpdate{pending_r, pending_c, pending_s.data(),
-                                          pending_py.data()});
-  }
+  if (pending) ApplyUpdate(inverse, p, pending_update());
   std::memcpy(params_out->typed_data(), theta.data(), p * sizeof(float));
   std::memcpy(grad_out->typed_data(), grad.data(), p * sizeof(float));
   decrement_out->typed_data()[0] = decrement;
