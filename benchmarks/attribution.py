@@ -7,6 +7,8 @@ Usage::
     python benchmarks/attribution.py --regret-modes        # 'full' against 'certified'
     python benchmarks/attribution.py --gradient-modes      # erm_gradient 'xla' against 'native'
     python benchmarks/attribution.py --only Woodbury       # the base kernel and one variant
+    python benchmarks/attribution.py --whole-seed 5000 --window 250 --repeats 3 \
+        --only "regret pass removed,native"                # every window of a seed, summed
 
     # one core, one XLA thread (as each host device of a two-core run):
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
@@ -19,7 +21,8 @@ whole kernel** in one process and times them against it, alternating:
 
 * ``regret pass removed``: the population regret replaced by zeros. The
   regret is only recorded, never fed back, so every other record field stays
-  bit-identical. The difference is the pass's cost, plus what XLA then drops
+  bit-identical (but the count of cells re-scored, which is the pass's own:
+  none without it). The difference is the pass's cost, plus what XLA then drops
   with it: the regret's score queries and the truth tables the kernel builds
   once per call (about 10-12 ms at paper size, 0.02 ms a round over a
   500-round window), and whatever the pass costs other operations around it.
@@ -47,6 +50,13 @@ the per-user sums and the cell table, against ``'native'``, the C++ row
 loop); there the records differ by the rounding of the sums, and the table
 says how far: the largest difference in the round's regret, and the rounds
 whose context, user or converged flag differ.
+
+``--whole-seed H`` times every window of ``[0, H)`` instead of a few (the
+same as ``--rounds-at 0,W,2W,...``) and adds a second table: per variant the
+seconds one seed's ``H`` rounds take (each window's minimum and median ms a
+round times its rounds, summed) and what a piece costs over the whole seed
+(the variant's summed medians less the base kernel's), which the windows at
+a few rounds can only suggest.
 
 Each variant is one ``run_rounds`` scan of ``--window`` rounds for one seed
 of the paper-users instance at U = 100 (benchmark ``Case`` defaults, horizon
@@ -201,7 +211,9 @@ def variants(evaluation: str = "full", only=None):
 
 def _records_match(base, other, regret_may_differ: bool) -> bool:
   fields = base._fields
-  skip = {"regret", "realised_regret", "kl_regret"} if regret_may_differ else set()
+  # A variant without the regret pass also reports no cells re-scored: that count is the pass's.
+  skip = ({"regret", "realised_regret", "kl_regret", "rescored_cells"} if regret_may_differ
+          else set())
   return all(np.array_equal(np.asarray(getattr(base, f)), np.asarray(getattr(other, f)))
              for f in fields if f not in skip)
 
@@ -371,6 +383,47 @@ COLUMNS = [  # (title, key), as benchmarks/run.py's tables
 ]
 
 
+TOTAL_COLUMNS = [
+    ("variant", "variant"), ("rounds", "rounds"), ("s a seed (sum of minima)", "s_min"),
+    ("s a seed (sum of medians)", "s_median"), ("median - base, s", "delta_s"),
+    ("% of base", "share_pct"), ("records", "records"),
+]
+
+
+def seed_totals(rows):
+  """Per variant, the seconds one seed spends over the rounds that ``rows`` time.
+
+  ``rows`` as :func:`measure` returns them, their windows tiling ``[0, H)``
+  (``--whole-seed``): each window's minimum and median ms a round times its
+  rounds, summed over the windows, and the summed medians less the base
+  kernel's (the first variant) as seconds and as a share. ``records`` says
+  whether every window's records matched.
+  """
+  order, totals = [], {}
+  for row in rows:
+    label = row["variant"]
+    if label not in totals:
+      order.append(label)
+      totals[label] = {"variant": label, "rounds": 0, "s_min": 0.0, "s_median": 0.0,
+                       "matched": True, "records": row["records"]}
+    total = totals[label]
+    total["rounds"] += row["window"]
+    total["s_min"] += row["ms_min"] * row["window"] / 1e3
+    total["s_median"] += row["ms_median"] * row["window"] / 1e3
+    total["matched"] &= row["records"].startswith("same")
+    if not total["matched"]:
+      total["records"] = "DIFFER"
+  base = totals[order[0]]["s_median"]
+  out = []
+  for label in order:
+    total = totals.pop(label)
+    total.pop("matched")
+    total["delta_s"] = total["s_median"] - base
+    total["share_pct"] = 100.0 * total["delta_s"] / base
+    out.append(total)
+  return out
+
+
 def mode_columns(field: str):
   """The table of :func:`compare_regret_modes` for the config ``field`` compared."""
   return [
@@ -391,6 +444,9 @@ def parse_args(argv=None):
   p.add_argument("--only", default="",
                  help="comma-separated words: time only the variants whose label holds one "
                       "(and the base kernel), e.g. --only Woodbury,BFGS")
+  p.add_argument("--whole-seed", type=int, default=0, metavar="H",
+                 help="time every window of rounds [0, H) (replaces --rounds-at) and sum "
+                      "them per variant: the seconds a seed takes and each piece's share")
   p.add_argument("--regret-modes", action="store_true",
                  help="instead of the pieces: the kernel with regret_evaluation 'full' against "
                       "'certified' (writes regret_modes.csv/json)")
@@ -401,6 +457,14 @@ def parse_args(argv=None):
   if args.regret_modes and args.gradient_modes:
     raise SystemExit("--regret-modes and --gradient-modes: give one of them")
   args.rounds_at = [int(v) for v in args.rounds_at.split(",")]
+  if args.whole_seed:
+    if args.regret_modes or args.gradient_modes:
+      raise SystemExit("--whole-seed sums the pieces' variants: not with --regret-modes or "
+                       "--gradient-modes")
+    if args.whole_seed < args.window or args.whole_seed % args.window:
+      raise SystemExit(f"--whole-seed: {args.whole_seed}; allowed: a positive multiple of "
+                       f"--window={args.window}")
+    args.rounds_at = list(range(0, args.whole_seed, args.window))
   args.only = [word for word in args.only.split(",") if word]
   for t in args.rounds_at:
     if t < 0 or t % args.window:
@@ -436,6 +500,13 @@ def main(argv=None) -> None:
                       dict(machine=bench.machine_info(), seconds=time.time() - started,
                            source=bench.source_fingerprint(), argv=sys.argv[1:]),
                       columns)
+  if args.whole_seed:
+    totals = seed_totals(rows)
+    print()
+    print(bench.format_table(totals, TOTAL_COLUMNS))
+    bench.write_outputs(args.out, name + "_totals", totals,
+                        dict(machine=bench.machine_info(), source=bench.source_fingerprint(),
+                             argv=sys.argv[1:]), TOTAL_COLUMNS)
   print(f"\nwrote {args.out}/{name}.csv and {name}.json ({time.time() - started:.0f} s)")
 
 

@@ -119,3 +119,35 @@ def test_attribution_only_keeps_the_base_rows_and_the_named_variants():
   assert kept == ["base", "base, again (noise)", "Woodbury update twice", "BFGS updates twice"]
   assert set(kept) < set(every)
   assert attribution.parse_args(["--only", "Woodbury,BFGS"]).only == ["Woodbury", "BFGS"]
+
+
+def test_attribution_whole_seed_times_every_window_and_sums_them_per_variant():
+  attribution = load_benchmark_module("attribution.py")
+  args = attribution.parse_args(["--whole-seed", "1000", "--window", "250"])
+  assert args.rounds_at == [0, 250, 500, 750]
+  for bad in (["--whole-seed", "900", "--window", "250"], ["--whole-seed", "100"],
+              ["--whole-seed", "1000", "--window", "250", "--regret-modes"]):
+    with pytest.raises(SystemExit):
+      attribution.parse_args(bad)
+  rng = np.random.default_rng(3)
+  labels = ["base", "regret pass removed", "native quasi-Newton steps twice"]
+  rows, expected = [], {label: np.zeros(2) for label in labels}
+  for t in (0, 250, 500, 750):
+    for label in labels:
+      low, mid = np.sort(rng.uniform(0.2, 1.0, 2))
+      records = "DIFFER" if (label == labels[2] and t == 500) else "same"
+      rows.append({"t": t, "window": 250, "variant": label, "ms_min": low, "ms_median": mid,
+                   "records": records + (" (but the regret)" if label == labels[1] else "")})
+      expected[label] += [low * 0.25, mid * 0.25]  # ms a round x 250 rounds, in seconds
+  totals = attribution.seed_totals(rows)
+  assert [total["variant"] for total in totals] == labels
+  for total in totals:
+    low, mid = expected[total["variant"]]
+    assert total["rounds"] == 1000
+    assert total["s_min"] == pytest.approx(low, rel=1e-12)
+    assert total["s_median"] == pytest.approx(mid, rel=1e-12)
+    assert total["delta_s"] == pytest.approx(mid - expected["base"][1], rel=1e-12, abs=1e-15)
+    assert total["share_pct"] == pytest.approx(100 * (mid / expected["base"][1] - 1), rel=1e-9,
+                                               abs=1e-12)
+  assert [total["records"] for total in totals] == ["same", "same (but the regret)", "DIFFER"]
+
