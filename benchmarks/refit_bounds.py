@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/refit_bounds.py steps  [--rounds 2000]   # ~20 s
     python benchmarks/refit_bounds.py replay [--rounds 400]    # ~1-5 min
+    python benchmarks/refit_bounds.py drift  [--rounds 2000]   # ~2 min
 
 ``steps``: quasi-Newton steps a refit takes with the carried inverse Hessian,
 against the same seed with the carried inverse replaced, before every refit's
@@ -18,6 +19,16 @@ nearest boundary of its greedy region), how many would be due if each cell
 also kept its K nearest rivals and tested them exactly (the ball then covering
 only the other actions), and how many greedy actions actually changed.
 RESULTS.md, twentieth session, has the numbers and why neither idea was adopted.
+
+``drift``: how many cells the certified pass must measure a round (their
+allowance ran out) under other bounds on how far a user's queries can have
+moved: the kernel's (each round's drift ``||w_u - w_u'||`` subtracted from
+the allowance, a path length), the same with the spectral norm of the move of
+``W_u`` (d x d) instead of its Frobenius norm (tighter: ``||x^T dW|| <=
+||x|| ||dW||_2``), and the net displacement from a per-user reference vector
+rebased every k rounds (a cell checked at s stays quiet while ``||w(t) -
+ref|| < room / scale - ||w(s) - ref||``). Each bound is checked to skip no
+cell the exact test makes due. RESULTS.md, twenty-third session.
 """
 
 from __future__ import annotations
@@ -164,13 +175,118 @@ def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
         " | ".join(f"{changed[a:b].mean():,.0f}" for a, b in windows) + " |")
 
 
+def drift_counts(queries, vectors, keys, norms, scale, rules):
+  """Cells measured a round by the certified pass under each of ``rules`` (NumPy, float64).
+
+  Args:
+    queries: (T, C, U, r) each round's queries; vectors: (T, U, q) the user
+      vectors they are linear in, with ``||dq_cu|| <= scale[c] ||dw_u||``
+      (Frobenius) and, where ``q == r * r`` and the query is ``W_u^T x_c``,
+      ``<= scale[c] ||dW_u||_2``; keys: (C, V, r) the visited actions' keys;
+      norms: (C,) the rounding allowance's key norms; scale: (C,).
+    rules: ``{name: (norm, rebase)}``; ``norm`` 'frobenius' or 'spectral';
+      ``rebase(t, since)`` -> whether the per-user reference moves to the
+      current vector this round (``since``: rounds since it last did); a
+      reference rebased every round is the kernel's per-round drift.
+
+  Returns:
+    ``({name: (T,) cells measured}, (T,) cells due)``. Raises AssertionError
+    if a rule would leave a due cell unmeasured (the bound would be unsound).
+  """
+  n_rounds, n_contexts, n_users, r = queries.shape
+  rows = np.arange(n_contexts)[:, None, None]
+  scale = np.asarray(scale, np.float64)[:, None]
+  anchor = np.zeros((n_contexts, n_users, r))
+  radius = np.full((n_contexts, n_users), -np.inf)
+  state = {name: {"allowance": np.full((n_contexts, n_users), -np.inf),
+                  "reference": vectors[0].astype(np.float64), "since": 0} for name in rules}
+  measured, due_counts = {name: [] for name in rules}, []
+  for t in range(n_rounds):
+    g = queries[t].astype(np.float64)
+    w = vectors[t].astype(np.float64)
+    distance = np.linalg.norm(g - anchor, axis=-1)
+    due = ~(distance < radius)
+    scores = np.einsum("cur,cvr->cuv", g, keys)
+    best = scores.argmax(-1)
+    top = np.take_along_axis(scores, best[..., None], -1)
+    rounding = 1e-5 * (1 + np.linalg.norm(g, axis=-1) * norms[:, None])
+    gap = np.linalg.norm(keys[:, None] - keys[rows, best[..., None]], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      reach = np.where(gap > 0, (top - scores - rounding[..., None]) / gap, np.inf)
+    new_radius = reach.min(-1) * (1 - 1e-5)
+    # How far w_u may still move: from the anchor's radius less the distance
+    # measured now (quiet cells), or the new radius (re-scored cells).
+    room = np.where(due, new_radius, radius - distance) / scale
+    for name, (norm, rebase) in rules.items():
+      cell = state[name]
+      move = w - cell["reference"]
+      if norm == "spectral":
+        moved = np.linalg.norm(move.reshape(n_users, r, -1), ord=2, axis=(1, 2))
+      else:
+        moved = np.linalg.norm(move, axis=-1)
+      cell["since"] += 1
+      if rebase(t, cell["since"]):  # allowances now count from w: they lose the move
+        cell["allowance"] = cell["allowance"] - moved[None]
+        cell["reference"], cell["since"], moved = w.copy(), 0, np.zeros(n_users)
+      check = ~(cell["allowance"] > moved[None]) | ~(radius > 0)
+      assert not np.any(due & ~check), f"{name}: a due cell went unmeasured in round {t}"
+      measured[name].append(int(check.sum()))
+      cell["allowance"] = np.where(check, room - moved[None], cell["allowance"])
+    due_counts.append(int(due.sum()))
+    anchor = np.where(due[..., None], g, anchor)
+    radius = np.where(due, new_radius, radius)
+  return {name: np.asarray(m) for name, m in measured.items()}, np.asarray(due_counts)
+
+
+def drift(rounds: int) -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from jaxbandit import simulate
+
+  instance, config, params, key = attribution.paper_seed([0], 1)
+  labels = np.asarray(attribution.labels_of(config, instance))
+  _, learner, _ = simulate._components(config, instance)
+  one_round = jax.jit(lambda s: simulate.run_rounds(config, instance, params, key, s, 1,
+                                                    action_labels=jnp.asarray(labels))[0])
+  state = simulate.init_state(config, instance)
+  queries, vectors = [], []
+  for t in range(rounds + 1):  # the estimate deployed in round t is the one after t refits
+    queries.append(np.asarray(learner.score_queries(state.params), np.float32))
+    vectors.append(np.asarray(learner.user_vectors(state.params), np.float32))
+    if t < rounds:
+      state = one_round(state)
+  keys = np.take_along_axis(np.asarray(learner.score_keys, np.float64), labels[:, :, None], 1)
+  norms = np.max(np.linalg.norm(np.asarray(learner.score_keys, np.float64), axis=-1), axis=1)
+  every = lambda k: (lambda t, since: since >= k)
+  rules = {
+      "per-round drift (the kernel's)": ("frobenius", every(1)),
+      "per-round drift, spectral norm": ("spectral", every(1)),
+      "net move, reference rebased every 8 rounds": ("frobenius", every(8)),
+      "every 32 rounds": ("frobenius", every(32)),
+      "every t/16 rounds": ("frobenius", lambda t, since: since >= max(1, t // 16)),
+  }
+  measured, due = drift_counts(np.stack(queries), np.stack(vectors), keys, norms,
+                               np.asarray(learner.query_scale), rules)
+  windows = [(a, b) for a, b in [(0, 50), (50, 250), (250, 500), (500, 1000), (1000, 2000),
+                                 (2000, 5000)] if b <= rounds + 1]
+  print("| bound | " + " | ".join(f"cells measured a round, {a}-{b}" for a, b in windows) + " |")
+  print("|---|" + "---|" * len(windows))
+  for name, counts in measured.items():
+    print(f"| {name} | " + " | ".join(f"{counts[a:b].mean():,.0f}" for a, b in windows) + " |")
+  print("| (cells due: re-scored) | " + " | ".join(f"{due[a:b].mean():,.0f}" for a, b in windows)
+        + " |")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("what", choices=["steps", "replay"])
+  parser.add_argument("what", choices=["steps", "replay", "drift"])
   parser.add_argument("--rounds", type=int, default=None)
   args = parser.parse_args(argv)
   if args.what == "steps":
     steps(args.rounds or 2000)
+  elif args.what == "drift":
+    drift(args.rounds or 2000)
   else:
     replay(args.rounds or 400)
 

@@ -151,3 +151,72 @@ def test_attribution_whole_seed_times_every_window_and_sums_them_per_variant():
                                                abs=1e-12)
   assert [total["records"] for total in totals] == ["same", "same (but the regret)", "DIFFER"]
 
+
+def _drift_problem(moves):
+  """Queries W_u^T x_c of 3 contexts x 4 users (r = 2) along the user-vector path ``moves``."""
+  rng = np.random.default_rng(5)
+  contexts = rng.normal(size=(3, 2))
+  start = rng.normal(size=(4, 2, 2))
+  vectors = np.stack([start + m for m in moves])  # (T, U, 2, 2)
+  queries = np.einsum("ci,tuij->tcuj", contexts, vectors)
+  keys = rng.normal(size=(3, 8, 2))
+  norms = np.linalg.norm(keys, axis=-1).max(axis=1)
+  scale = np.linalg.norm(contexts, axis=-1) * (1 + 1e-6)
+  return queries, vectors.reshape(len(moves), 4, 4), keys, norms, scale
+
+
+def test_drift_replay_matches_the_kernels_allowances_and_counts_net_moves():
+  # drift_counts' per-round rule against the kernel's bookkeeping written
+  # again here (allowance less each round's drift; measured cells get
+  # room / scale), and a net-move reference that wins where the vectors
+  # oscillate (a long path, no net move) and loses where they drift one way.
+  refit_bounds = load_benchmark_module("refit_bounds.py")
+  rng = np.random.default_rng(7)
+  direction = rng.normal(size=(4, 2, 2))
+  every = lambda k: (lambda t, since: since >= k)
+  rules = {"path": ("frobenius", every(1)), "spectral": ("spectral", every(1)),
+           "net8": ("frobenius", every(8))}
+  for kind, moves in (("oscillating", [0.02 * (t % 2) * direction for t in range(60)]),
+                      ("drifting", [0.004 * t * direction for t in range(60)])):
+    queries, vectors, keys, norms, scale = _drift_problem(moves)
+    measured, due = refit_bounds.drift_counts(queries, vectors, keys, norms, scale, rules)
+
+    # The kernel's rule, independently: exact due cells and allowances.
+    anchor = np.zeros(queries.shape[1:])
+    radius = np.full(queries.shape[1:3], -np.inf)
+    allowance = np.full(queries.shape[1:3], -np.inf)
+    expected_measured, expected_due = [], []
+    for t in range(len(moves)):
+      g = queries[t]
+      drift = np.linalg.norm(vectors[t] - vectors[max(t - 1, 0)], axis=-1)
+      allowance = allowance - drift[None]
+      distance = np.linalg.norm(g - anchor, axis=-1)
+      is_due = ~(distance < radius)
+      check = ~(allowance > 0) | ~(radius > 0)
+      scores = np.einsum("cur,cvr->cuv", g, keys)
+      new_radius = np.full(radius.shape, np.inf)
+      for c in range(3):
+        for u in range(4):
+          a = int(np.argmax(scores[c, u]))
+          margin = 1e-5 * (1 + np.linalg.norm(g[c, u]) * norms[c])
+          for v in range(8):
+            gap = np.linalg.norm(keys[c, v] - keys[c, a])
+            if gap > 0:
+              new_radius[c, u] = min(new_radius[c, u],
+                                     (scores[c, u, a] - scores[c, u, v] - margin) / gap)
+      new_radius *= 1 - 1e-5
+      room = np.where(is_due, new_radius, radius - distance) / scale[:, None]
+      allowance = np.where(check, room, allowance)
+      expected_measured.append(int(check.sum()))
+      expected_due.append(int(is_due.sum()))
+      anchor = np.where(is_due[..., None], g, anchor)
+      radius = np.where(is_due, new_radius, radius)
+    np.testing.assert_array_equal(measured["path"], expected_measured)
+    np.testing.assert_array_equal(due, expected_due)
+    for name in rules:
+      assert np.all(measured[name] >= due) and np.all(measured[name] <= 12)
+    later = slice(10, None)
+    if kind == "oscillating":
+      assert measured["net8"][later].sum() < measured["path"][later].sum()
+    else:
+      assert measured["net8"][later].sum() > measured["path"][later].sum()
