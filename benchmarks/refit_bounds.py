@@ -189,6 +189,9 @@ def drift_counts(queries, vectors, keys, norms, scale, rules):
       current vector this round (``since``: rounds since it last did); a
       reference rebased every round is the kernel's per-round drift.
 
+  Every cell counts as weighted (the paper instance has no padded users) and
+  the arithmetic is float64, without the kernel's float32 rounding margins.
+
   Returns:
     ``({name: (T,) cells measured}, (T,) cells due)``. Raises AssertionError
     if a rule would leave a due cell unmeasured (the bound would be unsound).
