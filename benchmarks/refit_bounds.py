@@ -106,7 +106,16 @@ def steps(rounds: int) -> None:
       print(f"| {a}-{b} | " + " | ".join(f"{s[a:b].mean():.2f}" for _, s, *_ in rows) + " |")
 
 
-def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
+def seed_estimates(rounds: int):
+  """One paper seed's estimates deployed in rounds 0 .. ``rounds`` (the one of round t
+  follows t refits), as the certified pass sees them.
+
+  Returns:
+    ``(queries, vectors, keys, norms, scale)``: the queries (T + 1, C, U, r) and
+    user vectors (T + 1, U, q) as float32, the regret pass's slot keys (C, V, r)
+    and every action's largest key norm per context (C,) as float64, and the
+    query scales (C,).
+  """
   import jax
   import jax.numpy as jnp
 
@@ -117,17 +126,45 @@ def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
   _, learner, _ = simulate._components(config, instance)
   one_round = jax.jit(lambda s: simulate.run_rounds(config, instance, params, key, s, 1,
                                                     action_labels=jnp.asarray(labels))[0])
-  queries_of = jax.jit(learner.score_queries)
+  factors = jax.jit(lambda p: (learner.score_queries(p), learner.user_vectors(p)))
   state = simulate.init_state(config, instance)
-  queries = [np.asarray(queries_of(state.params), np.float64)]
-  for _ in range(rounds):  # the estimate deployed in round t is the one after t refits
-    state = one_round(state)
-    queries.append(np.asarray(queries_of(state.params), np.float64))
-  queries = np.stack(queries)
-  keys = np.take_along_axis(np.asarray(learner.score_keys, np.float64), labels[:, :, None], 1)
+  queries, vectors = [], []
+  for t in range(rounds + 1):
+    query, vector = factors(state.params)
+    queries.append(np.asarray(query, np.float32))
+    vectors.append(np.asarray(vector, np.float32))
+    if t < rounds:
+      state = one_round(state)
+  all_keys = np.asarray(learner.score_keys, np.float64)
+  keys = np.take_along_axis(all_keys, labels[:, :, None], 1)
+  norms = np.max(np.linalg.norm(all_keys, axis=-1), axis=1)
+  return (np.stack(queries), np.stack(vectors), keys, norms,
+          np.asarray(learner.query_scale, np.float64))
+
+
+def boundary_distances(g, keys, norms):
+  """Per cell, how far its query ``g`` (C, U, r) may move towards each slot before that
+  slot's score reaches the greedy one's, less the rounding allowance (the certified
+  pass's rule, float64).
+
+  Returns:
+    ``(scores (C, U, V), best (C, U) greedy slots, rounding (C, U), distance (C, U, V))``,
+    the distance inf for the greedy slot and slots with its key.
+  """
+  rows = np.arange(g.shape[0])[:, None, None]
+  scores = np.einsum("cur,cvr->cuv", g, keys)
+  best = scores.argmax(-1)
+  top = np.take_along_axis(scores, best[..., None], -1)
+  rounding = 1e-5 * (1 + np.linalg.norm(g, axis=-1) * norms[:, None])
+  gap = np.linalg.norm(keys[:, None] - keys[rows, best[..., None]], axis=-1)  # (C, U, V)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    distance = np.where(gap > 0, (top - scores - rounding[..., None]) / gap, np.inf)
+  return scores, best, rounding, distance
+
+
+def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
+  queries, _, keys, norms, _ = seed_estimates(rounds)
   n_contexts, n_users, r = queries.shape[1:]
-  rows = np.arange(n_contexts)[:, None, None]
-  norms = np.max(np.linalg.norm(np.asarray(learner.score_keys, np.float64), axis=-1), axis=1)
 
   def due_counts(kept: int):
     anchor = np.zeros((n_contexts, n_users, r))
@@ -136,11 +173,9 @@ def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
     rivals = np.zeros((n_contexts, n_users, max(kept, 1)), int)
     due_per_round, changed, previous = [], [], None
     for t in range(rounds):
-      g = queries[t]
-      scores = np.einsum("cur,cvr->cuv", g, keys)
-      best = scores.argmax(-1)
+      g = queries[t].astype(np.float64)
+      scores, best, rounding, distance = boundary_distances(g, keys, norms)
       quiet = np.linalg.norm(g - anchor, axis=-1) < radius
-      rounding = 1e-5 * (1 + np.linalg.norm(g, axis=-1) * norms[:, None])
       if kept:
         top = np.take_along_axis(scores, greedy[..., None], -1)
         margins = top - np.take_along_axis(scores, rivals, -1)
@@ -150,10 +185,6 @@ def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
       if previous is not None:
         changed.append(int(np.sum(best != previous)))
       previous = best
-      top = np.take_along_axis(scores, best[..., None], -1)
-      gap = np.linalg.norm(keys[:, None] - keys[rows, best[..., None]], axis=-1)  # (C, U, V)
-      with np.errstate(divide="ignore", invalid="ignore"):
-        distance = np.where(gap > 0, (top - scores - rounding[..., None]) / gap, np.inf)
       order = np.argsort(distance, axis=-1, kind="stable")
       nearest = np.take_along_axis(distance, order, -1)
       anchor = np.where(due[..., None], g, anchor)
@@ -197,7 +228,6 @@ def drift_counts(queries, vectors, keys, norms, scale, rules):
     if a rule would leave a due cell unmeasured (the bound would be unsound).
   """
   n_rounds, n_contexts, n_users, r = queries.shape
-  rows = np.arange(n_contexts)[:, None, None]
   scale = np.asarray(scale, np.float64)[:, None]
   anchor = np.zeros((n_contexts, n_users, r))
   radius = np.full((n_contexts, n_users), -np.inf)
@@ -209,14 +239,7 @@ def drift_counts(queries, vectors, keys, norms, scale, rules):
     w = vectors[t].astype(np.float64)
     distance = np.linalg.norm(g - anchor, axis=-1)
     due = ~(distance < radius)
-    scores = np.einsum("cur,cvr->cuv", g, keys)
-    best = scores.argmax(-1)
-    top = np.take_along_axis(scores, best[..., None], -1)
-    rounding = 1e-5 * (1 + np.linalg.norm(g, axis=-1) * norms[:, None])
-    gap = np.linalg.norm(keys[:, None] - keys[rows, best[..., None]], axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-      reach = np.where(gap > 0, (top - scores - rounding[..., None]) / gap, np.inf)
-    new_radius = reach.min(-1) * (1 - 1e-5)
+    new_radius = boundary_distances(g, keys, norms)[3].min(-1) * (1 - 1e-5)
     # How far w_u may still move: from the anchor's radius less the distance
     # measured now (quiet cells), or the new radius (re-scored cells).
     room = np.where(due, new_radius, radius - distance) / scale
@@ -242,25 +265,7 @@ def drift_counts(queries, vectors, keys, norms, scale, rules):
 
 
 def drift(rounds: int) -> None:
-  import jax
-  import jax.numpy as jnp
-
-  from jaxbandit import simulate
-
-  instance, config, params, key = attribution.paper_seed([0], 1)
-  labels = np.asarray(attribution.labels_of(config, instance))
-  _, learner, _ = simulate._components(config, instance)
-  one_round = jax.jit(lambda s: simulate.run_rounds(config, instance, params, key, s, 1,
-                                                    action_labels=jnp.asarray(labels))[0])
-  state = simulate.init_state(config, instance)
-  queries, vectors = [], []
-  for t in range(rounds + 1):  # the estimate deployed in round t is the one after t refits
-    queries.append(np.asarray(learner.score_queries(state.params), np.float32))
-    vectors.append(np.asarray(learner.user_vectors(state.params), np.float32))
-    if t < rounds:
-      state = one_round(state)
-  keys = np.take_along_axis(np.asarray(learner.score_keys, np.float64), labels[:, :, None], 1)
-  norms = np.max(np.linalg.norm(np.asarray(learner.score_keys, np.float64), axis=-1), axis=1)
+  queries, vectors, keys, norms, scale = seed_estimates(rounds)
   every = lambda k: (lambda t, since: since >= k)
   rules = {
       "per-round drift (the kernel's)": ("frobenius", every(1)),
@@ -269,8 +274,7 @@ def drift(rounds: int) -> None:
       "every 32 rounds": ("frobenius", every(32)),
       "every t/16 rounds": ("frobenius", lambda t, since: since >= max(1, t // 16)),
   }
-  measured, due = drift_counts(np.stack(queries), np.stack(vectors), keys, norms,
-                               np.asarray(learner.query_scale), rules)
+  measured, due = drift_counts(queries, vectors, keys, norms, scale, rules)
   windows = [(a, b) for a, b in [(0, 50), (50, 250), (250, 500), (500, 1000), (1000, 2000),
                                  (2000, 5000)] if b <= rounds + 1]
   print("| bound | " + " | ".join(f"cells measured a round, {a}-{b}" for a, b in windows) + " |")
