@@ -396,32 +396,26 @@ def seed_totals(rows):
   ``rows`` as :func:`measure` returns them, their windows tiling ``[0, H)``
   (``--whole-seed``): each window's minimum and median ms a round times its
   rounds, summed over the windows, and the summed medians less the base
-  kernel's (the first variant) as seconds and as a share. ``records`` says
-  whether every window's records matched.
+  kernel's (the first variant) as seconds and as a share. ``records`` is the
+  windows' verdict where they all agree, else "DIFFER".
   """
-  order, totals = [], {}
+  by_variant = {}  # label -> its windows' rows, in the order first timed
   for row in rows:
-    label = row["variant"]
-    if label not in totals:
-      order.append(label)
-      totals[label] = {"variant": label, "rounds": 0, "s_min": 0.0, "s_median": 0.0,
-                       "matched": True, "records": row["records"]}
-    total = totals[label]
-    total["rounds"] += row["window"]
-    total["s_min"] += row["ms_min"] * row["window"] / 1e3
-    total["s_median"] += row["ms_median"] * row["window"] / 1e3
-    total["matched"] &= row["records"].startswith("same")
-    if not total["matched"]:
-      total["records"] = "DIFFER"
-  base = totals[order[0]]["s_median"]
-  out = []
-  for label in order:
-    total = totals.pop(label)
-    total.pop("matched")
+    by_variant.setdefault(row["variant"], []).append(row)
+  totals = []
+  for label, windows in by_variant.items():
+    records = {window["records"] for window in windows}
+    totals.append({
+        "variant": label, "rounds": sum(window["window"] for window in windows),
+        "s_min": sum(window["ms_min"] * window["window"] for window in windows) / 1e3,
+        "s_median": sum(window["ms_median"] * window["window"] for window in windows) / 1e3,
+        "records": records.pop() if len(records) == 1 else "DIFFER",
+    })
+  base = totals[0]["s_median"]
+  for total in totals:
     total["delta_s"] = total["s_median"] - base
     total["share_pct"] = 100.0 * total["delta_s"] / base
-    out.append(total)
-  return out
+  return totals
 
 
 def mode_columns(field: str):
@@ -507,7 +501,8 @@ def main(argv=None) -> None:
     bench.write_outputs(args.out, name + "_totals", totals,
                         dict(machine=bench.machine_info(), source=bench.source_fingerprint(),
                              argv=sys.argv[1:]), TOTAL_COLUMNS)
-  print(f"\nwrote {args.out}/{name}.csv and {name}.json ({time.time() - started:.0f} s)")
+  written = f"{name}.csv and {name}.json" + (f", {name}_totals.csv/json" if args.whole_seed else "")
+  print(f"\nwrote {written} in {args.out} ({time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":
