@@ -1,4 +1,4 @@
-"""Two bounds on the round's remaining work, for one paper-users seed (U = 100).
+"""Bounds on the round's remaining work, measured on one paper-users seed (U = 100).
 
 Usage::
 
@@ -162,6 +162,18 @@ def boundary_distances(g, keys, norms):
   return scores, best, rounding, distance
 
 
+def print_header(first: str, what: str, windows) -> None:
+  """A Markdown table's header: ``first``, then ``what, a-b`` for each window ``(a, b)``."""
+  print(f"| {first} | " + " | ".join(f"{what}, {a}-{b}" for a, b in windows) + " |")
+  print("|---|" + "---|" * len(windows))
+
+
+def print_row(name: str, counts, windows) -> None:
+  """A table row: ``name``, then the mean of ``counts[a:b]`` for each window."""
+  print(f"| {name} | " + " | ".join(f"{counts[a:b].mean():,.0f}" for a, b in windows) + " |",
+        flush=True)
+
+
 def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
   queries, _, keys, norms, _ = seed_estimates(rounds)
   n_contexts, n_users, r = queries.shape[1:]
@@ -195,15 +207,12 @@ def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
     return np.asarray(due_per_round), np.asarray([0] + changed)
 
   windows = [(1, 50), (50, 250), (250, rounds)] + ([(1000, rounds)] if rounds > 1000 else [])
-  print("| kept rivals | " + " | ".join(f"due a round, {a}-{b}" for a, b in windows) + " |")
-  print("|---|" + "---|" * len(windows))
+  print_header("kept rivals", "due a round", windows)
   changed = None
   for kept in kept_counts:
     due, changed = due_counts(kept)
-    print(f"| {kept} | " + " | ".join(f"{due[a:b].mean():,.0f}" for a, b in windows) + " |",
-          flush=True)
-  print("| (greedy actions changed) | " +
-        " | ".join(f"{changed[a:b].mean():,.0f}" for a, b in windows) + " |")
+    print_row(str(kept), due, windows)
+  print_row("(greedy actions changed)", changed, windows)
 
 
 def drift_counts(queries, vectors, keys, norms, scale, rules):
@@ -277,12 +286,10 @@ def drift(rounds: int) -> None:
   measured, due = drift_counts(queries, vectors, keys, norms, scale, rules)
   windows = [(a, b) for a, b in [(0, 50), (50, 250), (250, 500), (500, 1000), (1000, 2000),
                                  (2000, 5000)] if b <= rounds + 1]
-  print("| bound | " + " | ".join(f"cells measured a round, {a}-{b}" for a, b in windows) + " |")
-  print("|---|" + "---|" * len(windows))
+  print_header("bound", "cells measured a round", windows)
   for name, counts in measured.items():
-    print(f"| {name} | " + " | ".join(f"{counts[a:b].mean():,.0f}" for a, b in windows) + " |")
-  print("| (cells due: re-scored) | " + " | ".join(f"{due[a:b].mean():,.0f}" for a, b in windows)
-        + " |")
+    print_row(name, counts, windows)
+  print_row("(cells due: re-scored)", due, windows)
 
 
 def main(argv=None) -> None:
