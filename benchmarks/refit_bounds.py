@@ -43,6 +43,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import attribution  # noqa: E402  (benchmarks/attribution.py: the paper seed)
+import run as bench  # noqa: E402  (benchmarks/run.py: table formatting)
 
 WINDOWS = [(0, 50), (50, 250), (250, 500), (500, 1000), (1000, 1500), (1500, 2000)]
 
@@ -99,11 +100,8 @@ def steps(rounds: int) -> None:
     rows.append((label, steps_, regret, seconds))
     print(f"{label}: {steps_.sum()} steps, cumulative regret {regret:.3f}, {seconds:.1f} s",
           flush=True)
-  print("| rounds | " + " | ".join(label for label, *_ in rows) + " |")
-  print("|---|" + "---|" * len(rows))
-  for a, b in WINDOWS:
-    if b <= rounds:
-      print(f"| {a}-{b} | " + " | ".join(f"{s[a:b].mean():.2f}" for _, s, *_ in rows) + " |")
+  print(window_table("refit", {label: s for label, s, *_ in rows}, "steps a round",
+                     [(a, b) for a, b in WINDOWS if b <= rounds]))
 
 
 def seed_estimates(rounds: int):
@@ -162,16 +160,14 @@ def boundary_distances(g, keys, norms):
   return scores, best, rounding, distance
 
 
-def print_header(first: str, what: str, windows) -> None:
-  """A Markdown table's header: ``first``, then ``what, a-b`` for each window ``(a, b)``."""
-  print(f"| {first} | " + " | ".join(f"{what}, {a}-{b}" for a, b in windows) + " |")
-  print("|---|" + "---|" * len(windows))
-
-
-def print_row(name: str, counts, windows) -> None:
-  """A table row: ``name``, then the mean of ``counts[a:b]`` for each window."""
-  print(f"| {name} | " + " | ".join(f"{counts[a:b].mean():,.0f}" for a, b in windows) + " |",
-        flush=True)
+def window_table(first: str, series, what: str, windows) -> str:
+  """A Markdown table in ``benchmarks/run.py``'s format: a row per ``name: (T,)
+  per-round values`` in ``series`` (titled ``first``), a column ``what, a-b`` per
+  window ``(a, b)`` holding the mean of the values over rounds ``a .. b - 1``."""
+  columns = [(first, "name")] + [(f"{what}, {a}-{b}", f"{a}-{b}") for a, b in windows]
+  rows = [{"name": name, **{f"{a}-{b}": float(np.mean(values[a:b])) for a, b in windows}}
+          for name, values in series.items()]
+  return bench.format_table(rows, columns)
 
 
 def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
@@ -207,12 +203,13 @@ def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
     return np.asarray(due_per_round), np.asarray([0] + changed)
 
   windows = [(1, 50), (50, 250), (250, rounds)] + ([(1000, rounds)] if rounds > 1000 else [])
-  print_header("kept rivals", "due a round", windows)
-  changed = None
+  series = {}
   for kept in kept_counts:
-    due, changed = due_counts(kept)
-    print_row(str(kept), due, windows)
-  print_row("(greedy actions changed)", changed, windows)
+    started = time.perf_counter()
+    series[str(kept)], changed = due_counts(kept)
+    print(f"{kept} kept rivals: {time.perf_counter() - started:.1f} s", flush=True)
+  series["(greedy actions changed)"] = changed
+  print(window_table("kept rivals", series, "due a round", windows))
 
 
 def drift_counts(queries, vectors, keys, norms, scale, rules):
@@ -286,10 +283,8 @@ def drift(rounds: int) -> None:
   measured, due = drift_counts(queries, vectors, keys, norms, scale, rules)
   windows = [(a, b) for a, b in [(0, 50), (50, 250), (250, 500), (500, 1000), (1000, 2000),
                                  (2000, 5000)] if b <= rounds + 1]
-  print_header("bound", "cells measured a round", windows)
-  for name, counts in measured.items():
-    print_row(name, counts, windows)
-  print_row("(cells due: re-scored)", due, windows)
+  print(window_table("bound", {**measured, "(cells due: re-scored)": due},
+                     "cells measured a round", windows))
 
 
 def main(argv=None) -> None:
