@@ -41,7 +41,8 @@ whole kernel** in one process and times them against it, alternating:
 With ``--regret-modes`` it compares the kernel's regret evaluations instead
 (``'full'``, the fused pass over every cell, against ``'certified'``, the
 native kernel re-scoring only the cells whose greedy action may have
-changed): each mode keeps its own state, both advanced to each ``t``, and the
+changed): each mode keeps its own state, both advanced to each ``t`` (from
+where their first timed calls of the previous window left them), and the
 table adds the cells re-scored a round. The pieces above are measured on the
 kernel as ``'auto'`` resolves (``'certified'`` on a CPU with the native
 kernel, whose pass the regret variants then replace). ``--gradient-modes``
@@ -62,7 +63,8 @@ Each variant is one ``run_rounds`` scan of ``--window`` rounds for one seed
 of the paper-users instance at U = 100 (benchmark ``Case`` defaults, horizon
 5,000), compiled before any timing (``jit(...).lower(...).compile()`` with
 the piece patched in, then restored). The seed is advanced with the base
-kernel to each round ``t`` of ``--rounds-at``; then every variant runs the
+kernel to each round ``t`` of ``--rounds-at``, from where its first timed
+call of the previous window left it; then every variant runs the
 same window from the same state, in turn, ``--repeats`` times. The table
 gives the minimum and median ms a round, the median's difference from the
 base kernel's, that difference as a share of the base median, and whether
@@ -343,21 +345,28 @@ def compare_regret_modes(rounds_at, repeats: int, window: int,
 
   rows, done = [], 0
   skip = {"rescored_cells"}
+  ahead = None  # (round, [state per mode]) the modes' first timed calls of the last window reached
   for t in sorted(rounds_at):
+    if ahead is not None and ahead[0] <= t:  # start from there instead of running it again
+      done = ahead[0]
+      for run, reached in zip(runs, ahead[1]):
+        run[3] = reached
     while done + window <= t:
       for run in runs:
         run[3], _ = run[1](instance, run[2], params, key, run[3])
       done += window
     jax.block_until_ready([run[3] for run in runs])
     times = {run[0]: [] for run in runs}
-    records = {}
+    records, reached = {}, {}
     load_before = bench.load1()
     for _ in range(repeats):
       for mode, executable, labels, state in runs:
         started = time.perf_counter()
-        _, out = jax.block_until_ready(executable(instance, labels, params, key, state))
+        after, out = jax.block_until_ready(executable(instance, labels, params, key, state))
         times[mode].append((time.perf_counter() - started) / window * 1e3)
         records.setdefault(mode, out)
+        reached.setdefault(mode, after)
+    ahead = (done + window, [reached[mode] for mode in modes])
     first = records[modes[0]]
     base = float(np.median(times[modes[0]]))
     for mode in modes:
