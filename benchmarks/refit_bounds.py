@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/refit_bounds.py steps  [--rounds 2000]   # ~20 s
-    python benchmarks/refit_bounds.py replay [--rounds 400]    # ~1-5 min
+    python benchmarks/refit_bounds.py replay [--rounds 400]    # ~1 min
     python benchmarks/refit_bounds.py drift  [--rounds 2000]   # ~2 min
 
 ``steps``: quasi-Newton steps a refit takes with the carried inverse Hessian,
@@ -173,42 +173,39 @@ def window_table(first: str, series, what: str, windows) -> str:
 def replay(rounds: int, kept_counts=(0, 1, 2, 3, 4)) -> None:
   queries, _, keys, norms, _ = seed_estimates(rounds)
   n_contexts, n_users, r = queries.shape[1:]
-
-  def due_counts(kept: int):
-    anchor = np.zeros((n_contexts, n_users, r))
-    radius = np.full((n_contexts, n_users), -np.inf)
-    greedy = np.zeros((n_contexts, n_users), int)
-    rivals = np.zeros((n_contexts, n_users, max(kept, 1)), int)
-    due_per_round, changed, previous = [], [], None
-    for t in range(rounds):
-      g = queries[t].astype(np.float64)
-      scores, best, rounding, distance = boundary_distances(g, keys, norms)
-      quiet = np.linalg.norm(g - anchor, axis=-1) < radius
+  cells = (n_contexts, n_users)
+  # Per kept-rival count, its own anchors, radii, greedy slots and rivals; a
+  # round's scores, distances and their order are the same for every count.
+  state = {kept: {"anchor": np.zeros(cells + (r,)), "radius": np.full(cells, -np.inf),
+                  "greedy": np.zeros(cells, int), "rivals": np.zeros(cells + (max(kept, 1),), int)}
+           for kept in kept_counts}
+  due_per_round = {kept: [] for kept in kept_counts}
+  changed, previous = [0], None
+  for t in range(rounds):
+    g = queries[t].astype(np.float64)
+    scores, best, rounding, distance = boundary_distances(g, keys, norms)
+    if previous is not None:
+      changed.append(int(np.sum(best != previous)))
+    previous = best
+    order = np.argsort(distance, axis=-1, kind="stable")
+    nearest = np.take_along_axis(distance, order, -1)
+    for kept, cell in state.items():
+      quiet = np.linalg.norm(g - cell["anchor"], axis=-1) < cell["radius"]
       if kept:
-        top = np.take_along_axis(scores, greedy[..., None], -1)
-        margins = top - np.take_along_axis(scores, rivals, -1)
+        top = np.take_along_axis(scores, cell["greedy"][..., None], -1)
+        margins = top - np.take_along_axis(scores, cell["rivals"], -1)
         quiet &= np.all(margins > rounding[..., None], axis=-1)
       due = ~quiet
-      due_per_round.append(int(due.sum()))
-      if previous is not None:
-        changed.append(int(np.sum(best != previous)))
-      previous = best
-      order = np.argsort(distance, axis=-1, kind="stable")
-      nearest = np.take_along_axis(distance, order, -1)
-      anchor = np.where(due[..., None], g, anchor)
-      radius = np.where(due, nearest[..., kept] * (1 - 1e-5), radius)
-      greedy = np.where(due, best, greedy)
+      due_per_round[kept].append(int(due.sum()))
+      cell["anchor"] = np.where(due[..., None], g, cell["anchor"])
+      cell["radius"] = np.where(due, nearest[..., kept] * (1 - 1e-5), cell["radius"])
+      cell["greedy"] = np.where(due, best, cell["greedy"])
       if kept:
-        rivals = np.where(due[..., None], order[..., :kept], rivals)
-    return np.asarray(due_per_round), np.asarray([0] + changed)
+        cell["rivals"] = np.where(due[..., None], order[..., :kept], cell["rivals"])
 
   windows = [(1, 50), (50, 250), (250, rounds)] + ([(1000, rounds)] if rounds > 1000 else [])
-  series = {}
-  for kept in kept_counts:
-    started = time.perf_counter()
-    series[str(kept)], changed = due_counts(kept)
-    print(f"{kept} kept rivals: {time.perf_counter() - started:.1f} s", flush=True)
-  series["(greedy actions changed)"] = changed
+  series = {str(kept): np.asarray(due) for kept, due in due_per_round.items()}
+  series["(greedy actions changed)"] = np.asarray(changed)
   print(window_table("kept rivals", series, "due a round", windows))
 
 
