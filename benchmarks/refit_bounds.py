@@ -81,10 +81,11 @@ def run_seed(rounds: int):
   instance, config, params, key = attribution.paper_seed([0], rounds)
   labels = attribution.labels_of(config, instance)
   state = simulate.init_state(config, instance)
-  run = jax.jit(lambda s: simulate.run_rounds(config, instance, params, key, s, rounds,
-                                              action_labels=labels))
+  # The instance and the other arrays are arguments, not constants XLA would fold at compile.
+  run = jax.jit(lambda instance, params, key, labels, s: simulate.run_rounds(
+      config, instance, params, key, s, rounds, action_labels=labels))
   started = time.perf_counter()
-  _, records = jax.block_until_ready(run(state))
+  _, records = jax.block_until_ready(run(instance, params, key, labels, state))
   return records, time.perf_counter() - started
 
 
@@ -122,8 +123,10 @@ def seed_estimates(rounds: int):
   instance, config, params, key = attribution.paper_seed([0], 1)
   labels = np.asarray(attribution.labels_of(config, instance))  # (C, V)
   _, learner, _ = simulate._components(config, instance)
-  one_round = jax.jit(lambda s: simulate.run_rounds(config, instance, params, key, s, 1,
-                                                    action_labels=jnp.asarray(labels))[0])
+  # The arrays are arguments, not constants XLA would fold at compile (as in run_seed).
+  step = jax.jit(lambda instance, params, key, labels, s: simulate.run_rounds(
+      config, instance, params, key, s, 1, action_labels=labels)[0])
+  one_round = lambda s: step(instance, params, key, jnp.asarray(labels), s)
   factors = jax.jit(lambda p: (learner.score_queries(p), learner.user_vectors(p)))
   state = simulate.init_state(config, instance)
   queries, vectors = [], []
